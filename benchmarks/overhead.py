@@ -1,0 +1,86 @@
+"""Framework overhead per module call.
+
+A chain of 20 trivial modules (19 producers, each reading the previous one's integer and
+putting it plus one, and an analyzer at the end of a path) over 20000 events, run with
+1 thread / 1 stream and with 2 threads / 4 streams. The overhead per call is the wall time
+minus the time spent inside the modules' own methods, divided by the number of calls.
+
+    .venv/bin/python benchmarks/overhead.py [--events 20000] [--modules 20]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from framework import Analyzer, Concurrency, InputTag, Producer, run_workflow  # noqa: E402
+
+
+class Increment(Producer):
+    """Puts the previous module's integer plus one (the first one puts the event number)."""
+
+    concurrency = Concurrency.SHARED
+    previous = InputTag(None, doc="the previous link of the chain")
+
+    def produce(self, event):
+        event.put(event.get(self.previous) + 1 if self.previous else event.id.event)
+
+
+class CheckChain(Analyzer):
+    concurrency = Concurrency.SHARED
+    last = InputTag(doc="the last link")
+    length = 0
+
+    def analyze(self, event):
+        if event.get(self.last) != event.id.event + CheckChain.length - 1:
+            raise ValueError("chain value is wrong")
+
+
+def workflow(events: int, modules: int, threads: int, streams: int) -> dict:
+    chain = {"p0": {"type": Increment}}
+    for i in range(1, modules - 1):
+        chain[f"p{i}"] = {"type": Increment, "previous": f"p{i - 1}"}
+    chain["check"] = {"type": CheckChain, "last": f"p{modules - 2}"}
+    return {"process": {"threads": threads, "streams": streams, "report_every_s": 0},
+            "source": {"type": "EmptySource", "count": events},
+            "modules": chain, "paths": {"p": ["check"]}}
+
+
+def measure(events: int, modules: int, threads: int, streams: int) -> dict:
+    CheckChain.length = modules - 1
+    result = run_workflow(workflow(events, modules, threads, streams))
+    report = result.report
+    assert result.exit_code == 0 and report["events"]["accepted"] == events, report["events"]
+    calls = sum(m["runs"] for m in report["modules"].values())
+    in_modules_s = sum(m["real_ms_total"] for m in report["modules"].values()) / 1000.0
+    wall = report["wall_s"]
+    return {"threads": threads, "streams": streams, "calls": calls, "wall_s": wall,
+            "us_per_call_total": wall / calls * 1e6,
+            "us_per_call_overhead": (wall - in_modules_s / threads) / calls * 1e6}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=20000)
+    parser.add_argument("--modules", type=int, default=20)
+    args = parser.parse_args()
+    measure(min(args.events, 500), args.modules, 1, 1)          # warm-up
+    one = measure(args.events, args.modules, 1, 1)
+    two = measure(args.events, args.modules, 2, 4)
+    for r in (one, two):
+        print(f"threads={r['threads']} streams={r['streams']}: {r['calls']} calls in "
+              f"{r['wall_s']:.2f} s: {r['us_per_call_total']:.2f} us per call in all, "
+              f"{r['us_per_call_overhead']:.2f} us framework overhead per call")
+    print("target: at most 10 us per call on 1 thread (dask's threaded scheduler: ~200 us/task)")
+    print(json.dumps({"us_per_call_1thread": round(one["us_per_call_overhead"], 3),
+                      "us_per_call_2threads": round(two["us_per_call_overhead"], 3),
+                      "us_per_call_total_1thread": round(one["us_per_call_total"], 3),
+                      "us_per_call_total_2threads": round(two["us_per_call_total"], 3),
+                      "events": args.events, "modules": args.modules}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Synthetic-detector event generators and small sample files."""

@@ -1,0 +1,126 @@
+"""``recorun WORKFLOW.yaml``: validate, run and report a workflow.
+
+Exit codes: 0 success; 2 configuration error; 3 input data error; 4 a module failed on an
+event (with ``on_error: stop``); 130 interrupted. 1 means a bug in recorun itself.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .build import build_workflow
+from .config import load_workflow
+from .errors import EXIT_CONFIG, EXIT_OK, ConfigError, RecorunError
+from .process import run_job
+from .reports import resources_json, time_report, trig_report, write_json
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recorun", description="Run a recorun workflow (a YAML file of modules and paths).",
+        epilog="exit codes: 0 ok, 2 configuration error, 3 input data error, "
+               "4 module error on an event, 130 interrupted")
+    p.add_argument("workflow", help="the workflow YAML file")
+    p.add_argument("-n", "--max-events", type=int, metavar="N",
+                   help="process at most N events (process.max_events)")
+    p.add_argument("-j", "--threads", type=int, metavar="N", help="pool threads (process.threads)")
+    p.add_argument("-s", "--streams", type=int, metavar="N",
+                   help="events in flight (process.streams; default: as many as threads)")
+    p.add_argument("--sync", action="store_true",
+                   help="debugging mode: 1 thread, 1 stream, ExternalWork waits right after "
+                        "acquire, so modules run in one fixed order")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a workflow value, e.g. --set modules.ht.min_ht=300 "
+                        "(repeatable; values are YAML)")
+    p.add_argument("--report-json", metavar="PATH", help="write the job report as JSON")
+    p.add_argument("--resources-json", metavar="PATH",
+                   help="write per-module times in FastTimerService's resources.json shape")
+    p.add_argument("--trace", metavar="PATH",
+                   help="write a Chrome/Perfetto trace of every module call")
+    p.add_argument("--check", action="store_true",
+                   help="validate the workflow and its graph, run nothing")
+    p.add_argument("--dump-graph", metavar="PATH",
+                   help="write the module graph as DOT (PNG/SVG when graphviz is installed)")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true",
+                           help="no progress, no reports on the terminal; errors only")
+    verbosity.add_argument("-v", "--verbose", action="store_true",
+                           help="also list every failed event and the graph's warnings")
+    p.add_argument("--version", action="version", version=f"recorun {__version__}")
+    return p
+
+
+def _overrides(args) -> list[str]:
+    extra = []
+    for flag, key in (("max_events", "process.max_events"), ("threads", "process.threads"),
+                      ("streams", "process.streams")):
+        value = getattr(args, flag)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    if args.sync:
+        extra += ["process.threads=1", "process.streams=1", "process.synchronous=true"]
+    return list(args.overrides) + extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    err = sys.stderr
+    try:
+        config = load_workflow(args.workflow, _overrides(args))
+        built = build_workflow(config)
+    except ConfigError as exc:
+        err.write(f"recorun: configuration error: {exc}\n")
+        return EXIT_CONFIG
+    except RecorunError as exc:
+        err.write(f"recorun: error: {exc}\n")
+        return exc.exit_code
+    for warning in built.graph.warnings():
+        err.write(f"recorun: warning: {config.file}: {warning}\n")
+    if args.dump_graph:
+        written = built.graph.write(args.dump_graph)
+        err.write(f"recorun: module graph written to {written}\n")
+    if args.check:
+        g = built.graph
+        print(f"{config.file}: OK: {len(g.nodes)} modules, {len(config.paths)} paths, "
+              f"{len(config.endpaths)} end paths, {g.graph.number_of_edges()} product edges")
+        return EXIT_OK
+
+    result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err)
+    report = result.report
+    if not args.quiet:
+        print(trig_report(report))
+        print()
+        print(time_report(report))
+    if args.report_json:
+        write_json(args.report_json, report)
+    if args.resources_json:
+        write_json(args.resources_json, resources_json(report))
+    if args.trace and result.tracer is not None:
+        result.tracer.write(args.trace)
+
+    sys.stdout.flush()
+    ev = report["events"]
+    if result.error is not None:
+        err.write(f"recorun: error: {result.error}\n")
+    failures = report["failed_events"]
+    if failures and (args.verbose or len(failures) <= 10):
+        for failure in failures:
+            where = ("external work" if failure["method"] == "external"
+                     else f"{failure['method']}()")
+            err.write(f"recorun: failed event {failure['event']}: module '{failure['label']}' "
+                      f"{where}: {failure['error']}\n")
+    elif failures:
+        err.write(f"recorun: {len(failures)} failed events (-v lists them, and "
+                  f"--report-json keeps them)\n")
+    if report["not_processed"]:
+        err.write(f"recorun: stopped ({report['stop_reason']}): {report['not_processed']}\n")
+    if not args.quiet:
+        err.write(f"recorun: {ev['read']} events read: {ev['accepted']} accepted, "
+                  f"{ev['rejected']} rejected, {ev['failed']} failed; "
+                  f"{report['throughput_hz']:.1f} events/s\n")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

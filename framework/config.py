@@ -1,0 +1,230 @@
+"""Workflow configuration: the YAML file, its overrides and its structural checks.
+
+A workflow is a mapping with these keys (only ``source`` and ``modules`` are required)::
+
+    process:   {name, threads, streams, max_events, on_error: stop|skip_event,
+                watchdog_s, report_every_s, synchronous}
+    source:    {type: EmptySource, <parameters>}
+    services:  {label: {type: ..., <parameters>}}
+    modules:   {label: {type: ..., [select_events: [path, ...]], <parameters>}}
+    paths:     {name: [label, ...]}     # trigger paths, filters stop them
+    endpaths:  {name: [label, ...]}     # outputs and analyzers, after the trigger paths
+
+This file only checks the shape of the YAML; module types and parameters are checked when the
+plugins are loaded (:mod:`framework.build`), the products and the graph in
+:mod:`framework.graph`. Every error names the file, and the label and key where there is one.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+TOP_KEYS = ("process", "source", "services", "modules", "paths", "endpaths")
+RESERVED_MODULE_KEYS = ("type", "select_events")
+
+
+@dataclass
+class ProcessOptions:
+    name: str = "RECO"
+    threads: int = 1
+    streams: int | None = None          # default: as many as threads
+    max_events: int | None = None
+    on_error: str = "stop"
+    watchdog_s: float = 300.0           # warn about a module call running longer (0: off)
+    report_every_s: float = 10.0        # period of the rate lines (0: off)
+    synchronous: bool = False           # debugging: one thread, one stream, one fixed order
+
+    def __post_init__(self):
+        if self.streams is None:
+            self.streams = self.threads
+
+
+PROCESS_TYPES = {"name": str, "threads": int, "streams": (int, type(None)),
+                 "max_events": (int, type(None)), "on_error": str, "watchdog_s": (int, float),
+                 "report_every_s": (int, float), "synchronous": bool}
+
+
+@dataclass
+class PluginSpec:
+    """One ``label: {type: ..., parameters}`` entry (or the source)."""
+
+    label: str
+    type_name: str
+    params: dict[str, Any]
+    select_events: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WorkflowConfig:
+    file: str
+    process: ProcessOptions
+    source: PluginSpec
+    services: dict[str, PluginSpec]
+    modules: dict[str, PluginSpec]
+    paths: dict[str, list[str]]
+    endpaths: dict[str, list[str]]
+
+    def error(self, message, label=None, parameter=None) -> ConfigError:
+        return ConfigError(message, file=self.file, label=label, parameter=parameter)
+
+
+def parse_value(text: str) -> Any:
+    """Values given on the command line are YAML scalars or flow collections."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str], file: str) -> None:
+    """Apply ``dotted.key=value`` overrides (``--set``) to the raw YAML mapping, in place."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set '{item}': expected dotted.key=value, "
+                              f"e.g. process.threads=4 or modules.ht.min_ht=300", file=file)
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{item}': '{'.'.join(parts[:depth + 1])}' is not a "
+                                  f"mapping", file=file)
+            node = child
+        node[parts[-1]] = parse_value(value)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read workflow: {exc.strerror}", file=str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", file=str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("a workflow is a YAML mapping with keys "
+                          f"{', '.join(TOP_KEYS)}", file=str(path))
+    return raw
+
+
+def _mapping(raw: dict, key: str, file: str) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{key}' must be a mapping, got {type(value).__name__}", file=file)
+    return value
+
+
+def _plugin_spec(label: str, entry: Any, file: str, what: str) -> PluginSpec:
+    if isinstance(entry, str):
+        entry = {"type": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{what} '{label}' must be a mapping with a 'type', "
+                          f"got {type(entry).__name__}", file=file, label=label)
+    entry = dict(entry)
+    type_name = entry.pop("type", None)
+    if not (isinstance(type_name, str) and type_name) and not isinstance(type_name, type):
+        raise ConfigError(f"{what} '{label}' has no 'type'", file=file, label=label)
+    select = entry.pop("select_events", []) if what == "module" else []
+    if isinstance(select, str):
+        select = [select]
+    if not isinstance(select, list) or not all(isinstance(p, str) for p in select):
+        raise ConfigError("select_events must be a list of path names", file=file, label=label,
+                          parameter="select_events")
+    return PluginSpec(label, type_name, entry, select)
+
+
+def _sequences(raw: dict, key: str, file: str) -> dict[str, list[str]]:
+    result = {}
+    for name, labels in _mapping(raw, key, file).items():
+        if isinstance(labels, str):
+            labels = [labels]
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ConfigError(f"{key[:-1]} '{name}' must be a list of module labels", file=file)
+        result[str(name)] = labels
+    return result
+
+
+def parse_workflow(raw: dict, file: str) -> WorkflowConfig:
+    """Check the YAML's shape and turn it into a :class:`WorkflowConfig`."""
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], TOP_KEYS, n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"unknown top-level key '{unknown[0]}'{hint} "
+                          f"(known: {', '.join(TOP_KEYS)})", file=file)
+
+    process_raw = _mapping(raw, "process", file)
+    for key, value in process_raw.items():
+        if key not in PROCESS_TYPES:
+            near = difflib.get_close_matches(key, PROCESS_TYPES, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown process option '{key}'{hint} "
+                              f"(known: {', '.join(PROCESS_TYPES)})", file=file)
+        expected = PROCESS_TYPES[key]
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise ConfigError(f"process.{key} has the wrong type: {value!r}", file=file)
+    process = ProcessOptions(**process_raw)
+    if process.threads < 1 or process.streams < 1:
+        raise ConfigError(f"process.threads and process.streams must be at least 1 "
+                          f"(got {process.threads} and {process.streams})", file=file)
+    if process.synchronous and (process.threads, process.streams) != (1, 1):
+        raise ConfigError(f"process.synchronous needs threads: 1 and streams: 1 (got "
+                          f"{process.threads} and {process.streams})", file=file)
+    if process.max_events is not None and process.max_events < 0:
+        raise ConfigError(f"process.max_events must be >= 0, got {process.max_events}", file=file)
+    if process.on_error not in ("stop", "skip_event"):
+        raise ConfigError(f"process.on_error must be 'stop' or 'skip_event', "
+                          f"got {process.on_error!r}", file=file)
+
+    if "source" not in raw:
+        raise ConfigError("the workflow has no 'source' (e.g. source: {type: EmptySource, "
+                          "count: 100})", file=file)
+    source = _plugin_spec("source", raw["source"], file, "source")
+    services = {str(k): _plugin_spec(str(k), v, file, "service")
+                for k, v in _mapping(raw, "services", file).items()}
+    modules = {str(k): _plugin_spec(str(k), v, file, "module")
+               for k, v in _mapping(raw, "modules", file).items()}
+    for label in modules:
+        if label in ("source", "TriggerResults") or ":" in label:
+            raise ConfigError(f"'{label}' cannot be a module label (reserved or has ':')",
+                              file=file, label=label)
+
+    paths = _sequences(raw, "paths", file)
+    endpaths = _sequences(raw, "endpaths", file)
+    clash = set(paths) & set(endpaths)
+    if clash:
+        raise ConfigError(f"'{sorted(clash)[0]}' is both a path and an end path", file=file)
+    for kind, sequences in (("path", paths), ("end path", endpaths)):
+        for name, labels in sequences.items():
+            for label in labels:
+                if label not in modules:
+                    near = difflib.get_close_matches(label, modules, n=1)
+                    hint = f"; did you mean '{near[0]}'?" if near else ""
+                    raise ConfigError(f"{kind} '{name}' names unknown module label '{label}'"
+                                      f"{hint}", file=file)
+            if len(set(labels)) != len(labels):
+                raise ConfigError(f"{kind} '{name}' names a module twice", file=file)
+    for spec in modules.values():
+        for path in spec.select_events:
+            if path not in paths:
+                raise ConfigError(f"select_events names unknown path '{path}' "
+                                  f"(paths: {', '.join(paths) or 'none'})", file=file,
+                                  label=spec.label, parameter="select_events")
+    return WorkflowConfig(file, process, source, services, modules, paths, endpaths)
+
+
+def load_workflow(path: str | Path, overrides: list[str] = ()) -> WorkflowConfig:
+    raw = load_yaml(path)
+    apply_overrides(raw, list(overrides), str(path))
+    return parse_workflow(raw, str(path))

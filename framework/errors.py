@@ -1,0 +1,71 @@
+"""Exceptions of the framework and the exit codes the CLI maps them to.
+
+Every error names what a physicist needs to find the problem: the YAML file, the module label,
+the parameter, the input file or the event.
+"""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_INPUT = 3
+EXIT_MODULE = 4
+EXIT_INTERRUPTED = 130
+
+
+class RecorunError(Exception):
+    """Base class of every error the framework raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(RecorunError):
+    """The workflow is wrong: found before the first event is read."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, message: str, *, file: str | None = None, label: str | None = None,
+                 parameter: str | None = None):
+        self.file, self.label, self.parameter = file, label, parameter
+        where = []
+        if file:
+            where.append(str(file))
+        if label:
+            where.append(f"module '{label}'")
+        if parameter:
+            where.append(f"parameter '{parameter}'")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+class InputError(RecorunError):
+    """Input data cannot be read (missing file, bad tree, corrupt basket...)."""
+
+    exit_code = EXIT_INPUT
+
+
+class ProductNotFound(RecorunError):
+    """A module asked for a product that is not (or not yet) in the event."""
+
+
+class ModuleError(RecorunError):
+    """An exception raised by a module, with the context of the call that raised it."""
+
+    exit_code = EXIT_MODULE
+
+    def __init__(self, cause: BaseException, *, event_id, stream: int, module_type: str,
+                 label: str, method: str, path: str | None = None):
+        self.cause = cause
+        self.event_id, self.stream, self.path = event_id, stream, path
+        self.module_type, self.label, self.method = module_type, label, method
+        on_path = f", path '{path}'" if path else ""
+        super().__init__(
+            f"module '{label}' ({module_type}) failed in {self.where} on event {event_id} "
+            f"(stream {stream}{on_path}): {type(cause).__name__}: {cause}")
+
+    @property
+    def where(self) -> str:
+        return "its external work" if self.method == "external" else f"{self.method}()"
+
+    def to_dict(self) -> dict:
+        return {"event": str(self.event_id), "stream": self.stream, "path": self.path,
+                "module_type": self.module_type, "label": self.label, "method": self.method,
+                "error": f"{type(self.cause).__name__}: {self.cause}"}

@@ -1,0 +1,133 @@
+"""Events and their products.
+
+An event has an :class:`EventID` and a product store. A product is named by a tag
+``label:instance`` (``label`` alone for the default, empty instance). It is put once, by the
+module with that label, and is read-only afterwards. Modules see an event through
+:class:`ModuleEvent`, a view that only lets them read what they declared they consume and put
+what they declared they produce: this is what keeps the module graph honest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .errors import ProductNotFound
+
+
+class EventID(NamedTuple):
+    run: int
+    lumi: int
+    event: int
+
+    def __str__(self) -> str:
+        return f"{self.run}:{self.lumi}:{self.event}"
+
+
+def canonical_tag(tag: str) -> str:
+    """``"label:"`` and ``"label"`` name the same product; return the short form."""
+    label, _, instance = tag.partition(":")
+    if not label or ":" in instance:
+        raise ValueError(f"'{tag}' is not a product tag (expected 'label' or 'label:instance')")
+    return f"{label}:{instance}" if instance else label
+
+
+def tag_label(tag: str) -> str:
+    return tag.partition(":")[0]
+
+
+def make_tag(label: str, instance: str = "") -> str:
+    return f"{label}:{instance}" if instance else label
+
+
+@dataclass(frozen=True)
+class TriggerResults:
+    """Which trigger paths accepted an event (put by the framework as ``TriggerResults``)."""
+
+    paths: dict[str, bool]
+
+    @property
+    def accept(self) -> bool:
+        """An event is accepted when any path accepts it (or when there are no paths)."""
+        return not self.paths or any(self.paths.values())
+
+    def __getitem__(self, path: str) -> bool:
+        return self.paths[path]
+
+
+class Event:
+    """One event: its ID, its index in the job, and the product store."""
+
+    __slots__ = ("id", "index", "stream", "_products")
+
+    def __init__(self, event_id: EventID, index: int, products: dict[str, Any] | None = None):
+        self.id = event_id
+        self.index = index
+        self.stream = -1
+        self._products: dict[str, Any] = dict(products or {})
+
+    def put(self, tag: str, value: Any) -> None:
+        if tag in self._products:
+            raise ValueError(f"product '{tag}' is already in event {self.id}; products are put once")
+        self._products[tag] = value
+
+    def get(self, tag: str) -> Any:
+        try:
+            return self._products[tag]
+        except KeyError:
+            raise ProductNotFound(f"event {self.id} has no product '{tag}'") from None
+
+    def __contains__(self, tag: str) -> bool:
+        return tag in self._products
+
+    def tags(self) -> list[str]:
+        return list(self._products)
+
+
+class ModuleEvent:
+    """The event as one module sees it during one call."""
+
+    __slots__ = ("_event", "_worker")
+
+    def __init__(self, event: Event, worker):
+        self._event = event
+        self._worker = worker
+
+    @property
+    def id(self) -> EventID:
+        return self._event.id
+
+    @property
+    def index(self) -> int:
+        """Position of the event in the job (0, 1, 2, ...), whatever the thread count."""
+        return self._event.index
+
+    @property
+    def stream(self) -> int:
+        return self._event.stream
+
+    def get(self, tag: str) -> Any:
+        """Read a product this module declared it consumes (an InputTag parameter)."""
+        if tag not in self._worker.consumes:
+            tag = canonical_tag(tag)
+            if tag not in self._worker.consumes:
+                raise ProductNotFound(
+                    f"module '{self._worker.label}' reads '{tag}' without declaring it; "
+                    f"declare it with an InputTag parameter (it consumes: "
+                    f"{sorted(self._worker.consumes) or 'nothing'})")
+        try:
+            return self._event._products[tag]
+        except KeyError:
+            raise ProductNotFound(
+                f"event {self._event.id} has no product '{tag}': its producer "
+                f"'{tag_label(tag)}' ran but did not put it") from None
+
+    def __getitem__(self, tag: str) -> Any:
+        return self.get(tag)
+
+    def put(self, value: Any, instance: str = "") -> None:
+        """Put a product under this module's label and the given instance name."""
+        if instance not in self._worker.instances:
+            raise ValueError(
+                f"module '{self._worker.label}' puts instance '{instance}' that it does not "
+                f"declare in produces ({sorted(self._worker.instances)})")
+        self._event.put(make_tag(self._worker.label, instance), value)

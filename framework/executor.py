@@ -1,0 +1,108 @@
+"""The thread pool that runs the scheduler's tasks, and a serial queue on top of it.
+
+The calling thread is worker 0, so ``threads=1`` runs every module on the calling thread (the
+synchronous, deterministic mode; a debugger sees a plain stack). A task that schedules a
+continuation of itself with :meth:`Executor.soon` keeps the first one on the same thread
+(no queue round trip, no recursion); further ones go to the shared queue where any idle
+worker takes them. No task ever blocks a worker waiting for another task.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from collections import deque
+
+_local = threading.local()
+
+
+class Executor:
+    def __init__(self, threads: int):
+        self.threads = threads
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.fatal: BaseException | None = None
+        self.fatal_traceback = ""
+
+    def soon(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on a pool thread, after the current task."""
+        inline = getattr(_local, "inline", None)
+        if inline is not None and not inline:
+            inline.append((fn, args))
+        else:
+            self._queue.put((fn, args))
+
+    def run(self, start, finished: threading.Event) -> None:
+        """Run ``start()`` as the first task, work until ``finished`` is set, then stop."""
+        for i in range(1, self.threads):
+            t = threading.Thread(target=self._work, args=(finished,), name=f"recorun-{i}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._queue.put((start, ()))
+        try:
+            self._work(finished)
+        finally:
+            self._stopping.set()
+            for _ in self._threads:
+                self._queue.put(None)
+            for t in self._threads:
+                t.join()
+
+    def _work(self, finished: threading.Event) -> None:
+        inline: deque = deque()
+        _local.inline = inline
+        get = self._queue.get
+        try:
+            while not finished.is_set() and not self._stopping.is_set():
+                try:
+                    item = get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    break
+                while item is not None:
+                    fn, args = item
+                    try:
+                        fn(*args)
+                    except BaseException as exc:   # a framework bug: stop, do not hang
+                        if self.fatal is None:
+                            self.fatal = exc
+                            self.fatal_traceback = traceback.format_exc()
+                        finished.set()
+                        return
+                    item = inline.popleft() if inline else None
+        finally:
+            _local.inline = None
+
+
+class SerialQueue:
+    """Runs the tasks pushed to it one at a time, in order, on the executor's threads."""
+
+    def __init__(self, executor: Executor):
+        self._executor = executor
+        self._lock = threading.Lock()
+        self._pending: deque = deque()
+        self._busy = False
+
+    def push(self, fn, *args) -> None:
+        with self._lock:
+            if self._busy:
+                self._pending.append((fn, args))
+                return
+            self._busy = True
+        self._executor.soon(self._run, fn, args)
+
+    def _run(self, fn, args) -> None:
+        try:
+            fn(*args)
+        finally:
+            with self._lock:
+                if self._pending:
+                    nxt = self._pending.popleft()
+                else:
+                    self._busy = False
+                    nxt = None
+            if nxt is not None:
+                self._executor.soon(self._run, *nxt)

@@ -1,0 +1,177 @@
+"""Module base classes: what a physicist subclasses.
+
+=================  ==========================================  ==============================
+kind               method(s) the framework calls               on a path
+=================  ==========================================  ==============================
+Producer           ``produce(event)``                          run on demand, once per event
+ExternalWork       ``acquire(event, holder)``, then            as Producer
+producer           ``produce(event)``
+Filter             ``filter(event) -> bool``                   false stops the path
+Analyzer           ``analyze(event)``                          runs in path order
+OutputModule       ``write(event)``                            on end paths
+=================  ==========================================  ==============================
+
+Every module may define ``begin_job()`` and ``end_job()``. Parameters are declared with
+:class:`~framework.params.Param` / :class:`~framework.params.InputTag` class attributes and
+arrive as instance attributes. ``produces`` lists the product instance names a producer puts
+(``""`` is the default instance, tagged by the label alone).
+
+``concurrency`` says how the framework may call a module:
+
+* ``"stream"`` (default): one copy per stream; a copy sees one event at a time, so it may keep
+  per-event state in ``self``.
+* ``"shared"``: one instance, called from several threads at once; it must be thread-safe.
+* ``"serial"``: one instance, calls queued one at a time (CMSSW's "one" modules). The queue
+  does not block pool threads.
+
+ExternalWork: ``acquire`` starts work outside the framework (a gRPC call, a device) and
+returns at once; the work calls ``holder.done()`` or ``holder.done(error)`` from any thread.
+``produce`` then runs on a pool thread, never before ``acquire`` has returned, and not at all
+when the work failed: the error fails the event with the module's context.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from enum import Enum
+from typing import Any, ClassVar
+
+from .params import declared_params, resolve_params
+
+
+class Concurrency(str, Enum):
+    STREAM = "stream"
+    SHARED = "shared"
+    SERIAL = "serial"
+
+
+class Module:
+    """Base of all modules. ``label`` is the module's name in the workflow."""
+
+    kind: ClassVar[str] = "module"
+    concurrency: ClassVar[Concurrency] = Concurrency.STREAM
+    produces: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, label: str = "", **params: Any):
+        self.label = label or type(self).__name__
+        self.services: dict[str, Any] = {}
+        for name, value in resolve_params(type(self), params).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def parameters(cls):
+        return declared_params(cls)
+
+    def consumed_tags(self) -> list[str]:
+        """Products this module reads: the values of its InputTag parameters."""
+        tags: list[str] = []
+        for name, param in declared_params(type(self)).items():
+            if param.consumes:
+                tags.extend(param.tags(getattr(self, name)))
+        return tags
+
+    def produced_instances(self) -> tuple[str, ...]:
+        return tuple(self.produces)
+
+    def begin_job(self) -> None:
+        """Called once per instance before the first event."""
+
+    def end_job(self) -> None:
+        """Called once per instance after the last event, also after a failure."""
+
+
+class Producer(Module):
+    kind = "producer"
+    produces = ("",)
+
+    def produce(self, event) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define produce(event)")
+
+
+class ExternalWorkProducer(Producer):
+    """A producer that waits for external work between ``acquire`` and ``produce``."""
+
+    kind = "producer"
+
+    def acquire(self, event, holder: "WaitingTaskHolder") -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define acquire(event, holder)")
+
+
+class Filter(Module):
+    kind = "filter"
+
+    def filter(self, event) -> bool:
+        raise NotImplementedError(f"{type(self).__name__} must define filter(event)")
+
+
+class Analyzer(Module):
+    kind = "analyzer"
+
+    def analyze(self, event) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define analyze(event)")
+
+
+class OutputModule(Module):
+    """Writes selected events. Serial by default: one call at a time, in arrival order.
+
+    Before ``end_job`` the framework sets ``job_complete``: True when every event of the source
+    was processed (events failed under ``on_error: skip_event`` included), False when the job
+    stopped early. An output should only give its file the final name when it is True.
+    """
+
+    kind = "output"
+    concurrency = Concurrency.SERIAL
+    job_complete = False
+
+    def write(self, event) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define write(event)")
+
+
+class WaitingTaskHolder:
+    """Given to ``acquire``; the external work calls :meth:`done` exactly once, from any thread.
+
+    The framework continues (runs ``produce`` or fails the event) only when both ``acquire`` has
+    returned and ``done`` has been called, whichever comes last.
+    """
+
+    __slots__ = ("_lock", "_left", "_continue", "error", "acquire_failed", "done_ns",
+                 "acquire_end_ns", "finished", "on_external_end")
+
+    def __init__(self, on_complete):
+        self._lock = threading.Lock()
+        self._left = 2                   # acquire returned + done called
+        self._continue = on_complete
+        self.error: BaseException | None = None
+        self.acquire_failed = False
+        self.done_ns = 0                 # perf_counter_ns() when done() was called
+        # set by the scheduler:
+        self.acquire_end_ns = 0
+        self.finished = None             # an Event to wait on, in synchronous mode
+        self.on_external_end = None
+
+    def done(self, error: BaseException | None = None) -> None:
+        """Report the external work finished; pass the exception if it failed."""
+        with self._lock:
+            if self.done_ns:
+                raise RuntimeError("WaitingTaskHolder.done() called twice")
+            self.done_ns = time.perf_counter_ns()
+            if self.error is None:
+                self.error = error
+        self._arrive()
+
+    def _acquire_returned(self, error: BaseException | None = None) -> None:
+        if error is None:
+            self._arrive()
+            return
+        with self._lock:                 # acquire raised: do not wait for done()
+            self.error = error
+            self.acquire_failed = True
+            self._left = 0
+        self._continue(self)
+
+    def _arrive(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._continue(self)

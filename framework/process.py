@@ -1,0 +1,169 @@
+"""One job: begin-job hooks, the scheduler run, end-job hooks, signals, the final accounting.
+
+``run_job`` never loses track of an event: whatever stops the job (end of input, a module
+error with ``on_error: stop``, an input error, Ctrl-C), events in flight are finished and the
+summary says which events were read, which failed and which were never read.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+
+from .build import BuiltWorkflow, build_workflow
+from .config import apply_overrides, parse_workflow
+from .errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODULE, EXIT_OK, InputError, ModuleError
+from .module import OutputModule
+from .monitor import InFlight, Monitor
+from .reports import summarize
+from .scheduler import Scheduler
+from .trace import Tracer
+
+STOP_EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "input error": EXIT_INPUT,
+                   "module error": EXIT_MODULE}
+
+
+@dataclass
+class JobResult:
+    exit_code: int
+    report: dict
+    scheduler: Scheduler
+    tracer: Tracer | None
+    error: BaseException | None
+
+
+class _Interrupts:
+    """First Ctrl-C (or SIGTERM): stop reading events, finish those in flight. Second: abort."""
+
+    def __init__(self, scheduler: Scheduler, out):
+        self.scheduler = scheduler
+        self.out = out
+        self.count = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        self.count += 1
+        if self.count > 1:
+            self.out.write("\nrecorun: interrupted twice, aborting without reports\n")
+            self.out.flush()
+            os._exit(EXIT_INTERRUPTED)
+        status = self.scheduler.status
+        self.out.write(f"\nrecorun: interrupted; finishing the {status.read - status.done} "
+                       f"events in flight (interrupt again to abort)\n")
+        self.out.flush()
+        self.scheduler.stop("interrupted")
+
+
+def _begin_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> None:
+    for service in built.services.values():
+        service.begin_job()
+        begun.append(service)
+    built.source.open(built.config.process.max_events)
+    for worker, module in scheduler.all_instances():
+        try:
+            module.begin_job()
+        except Exception as exc:
+            raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
+                              label=worker.label, method="begin_job") from exc
+        begun.append(module)
+
+
+def _end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> list[ModuleError]:
+    """Call end_job on everything that began, in reverse order; collect the errors."""
+    errors = []
+    labels = {id(m): w for w, m in scheduler.all_instances()}
+    for thing in reversed(begun):
+        try:
+            thing.end_job()
+        except Exception as exc:
+            worker = labels.get(id(thing))
+            errors.append(ModuleError(
+                exc, event_id="(none)", stream=-1,
+                module_type=worker.type_name if worker else type(thing).__name__,
+                label=worker.label if worker else type(thing).__name__, method="end_job"))
+    try:
+        built.source.close()
+    except Exception as exc:
+        errors.append(ModuleError(exc, event_id="(none)", stream=-1,
+                                  module_type=type(built.source).__name__, label="source",
+                                  method="close"))
+    return errors
+
+
+def _not_processed(scheduler: Scheduler, source) -> str | None:
+    status = scheduler.status
+    if status.stop_reason is None:
+        return None
+    total = source.total_events()
+    if total is not None:
+        left = total - status.read
+        if left <= 0:
+            return None
+        return f"{left} events not read (event indices {status.read} to {total - 1})"
+    return f"the source's events from index {status.read} on were not read"
+
+
+def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
+            out=None) -> JobResult:
+    out = out or sys.stderr
+    options = built.config.process
+    tracer = Tracer() if trace else None
+    inflight = InFlight() if options.watchdog_s > 0 else None
+    scheduler = Scheduler(built, tracer=tracer, inflight=inflight)
+    begun: list = []
+    error: BaseException | None = None
+    try:
+        _begin_job(built, scheduler, begun)
+    except (ModuleError, InputError) as exc:
+        error = exc
+        scheduler.stop("module error" if isinstance(exc, ModuleError) else "input error", exc)
+    if error is None:
+        monitor = Monitor(scheduler.status, total=built.source.total_events(),
+                          report_every_s=options.report_every_s,
+                          watchdog_s=options.watchdog_s, inflight=inflight, stream=out,
+                          quiet=quiet)
+        monitor.start()
+        try:
+            with _Interrupts(scheduler, out):
+                scheduler.run()
+        finally:
+            monitor.stop()
+        error = scheduler.status.stop_error
+    complete = scheduler.status.stop_reason is None and begun and error is None
+    for worker, module in scheduler.all_instances():
+        if isinstance(module, OutputModule):
+            module.job_complete = bool(complete)
+    end_errors = _end_job(built, scheduler, begun)
+    if error is None and end_errors:
+        error = end_errors[0]
+    reason = scheduler.status.stop_reason
+    if reason in STOP_EXIT_CODES:
+        exit_code = STOP_EXIT_CODES[reason]
+    elif error is not None:
+        exit_code = getattr(error, "exit_code", 1)
+    else:
+        exit_code = EXIT_OK
+    report = summarize(scheduler, workflow=built.config.file, exit_code=exit_code,
+                       not_processed=_not_processed(scheduler, built.source))
+    return JobResult(exit_code, report, scheduler, tracer, error)
+
+
+def run_workflow(workflow: dict, *, file: str = "<workflow>", overrides=(), trace: bool = False,
+                 quiet: bool = True, out=None) -> JobResult:
+    """Run a workflow given as a mapping (as the YAML would hold; ``type`` may be a class)."""
+    raw = copy.deepcopy(workflow)
+    apply_overrides(raw, list(overrides), file)
+    return run_job(build_workflow(parse_workflow(raw, file)), trace=trace, quiet=quiet, out=out)

@@ -1,0 +1,58 @@
+"""The plugin registry: module, source and service types by name.
+
+Types come from entry points (groups ``recorun.modules``, ``recorun.sources``,
+``recorun.services``; recorun's own modules are registered the same way in its
+``pyproject.toml``) or from a dotted path ``package.module:Class``. A type is imported only when
+a workflow names it.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+GROUPS = {"module": "recorun.modules", "source": "recorun.sources", "service": "recorun.services"}
+
+
+class PluginNotFound(LookupError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def _entry_points(group: str) -> dict:
+    found = {}
+    for ep in entry_points(group=group):
+        found.setdefault(ep.name, ep)
+    return found
+
+
+def available(kind: str) -> list[str]:
+    """Names of the registered plugins of one kind (``module``, ``source``, ``service``)."""
+    return sorted(_entry_points(GROUPS[kind]))
+
+
+def load(kind: str, name: str):
+    """Return the class registered as ``name``, or named by ``package.module:Class``."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise PluginNotFound(f"cannot import '{module_name}' for {kind} type '{name}': {exc}")
+        try:
+            return getattr(module, attr)
+        except AttributeError:
+            raise PluginNotFound(f"'{module_name}' has no '{attr}' (from {kind} type '{name}')")
+    eps = _entry_points(GROUPS[kind])
+    if name not in eps:
+        near = difflib.get_close_matches(name, list(eps), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
+        raise PluginNotFound(
+            f"unknown {kind} type '{name}'{hint} (registered in '{GROUPS[kind]}': "
+            f"{', '.join(sorted(eps)) or 'none'}; or name a class as 'package.module:Class')")
+    try:
+        return eps[name].load()
+    except Exception as exc:
+        raise PluginNotFound(f"{kind} type '{name}' is registered as '{eps[name].value}' "
+                             f"but does not load: {type(exc).__name__}: {exc}")

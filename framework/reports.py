@@ -1,0 +1,128 @@
+"""End-of-job reports: TrigReport, TimeReport, the report JSON and ``resources.json``.
+
+``summarize`` turns the scheduler's counters into one dictionary (the ``--report-json``
+content); the text reports and the FastTimerService-shaped ``resources.json`` are views of it.
+Times are milliseconds, means are per call (per event on which the module ran).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .stats import merge
+
+NS_PER_MS = 1e6
+
+
+def _mean(total_ns: int, count: int) -> float:
+    return total_ns / NS_PER_MS / count if count else 0.0
+
+
+def _module_entry(worker) -> dict:
+    s = merge(worker.stats)
+    entry = {"type": worker.type_name, "kind": worker.kind, "runs": s.runs,
+             "visited": s.visited, "passed": s.passed, "rejected": s.rejected,
+             "errors": s.errors,
+             "real_ms_mean": _mean(s.real_ns, s.runs), "cpu_ms_mean": _mean(s.cpu_ns, s.runs),
+             "real_ms_total": s.real_ns / NS_PER_MS, "cpu_ms_total": s.cpu_ns / NS_PER_MS}
+    if worker.external:
+        entry.update(external_work=True,
+                     acquire_ms_mean=_mean(s.acquire_real_ns, s.runs),
+                     acquire_cpu_ms_mean=_mean(s.acquire_cpu_ns, s.runs),
+                     external_ms_mean=_mean(s.external_ns, s.runs),
+                     produce_ms_mean=_mean(s.produce_real_ns, s.runs),
+                     produce_cpu_ms_mean=_mean(s.produce_cpu_ns, s.runs))
+    return entry
+
+
+def _path_entry(seq) -> dict:
+    s = merge(seq.stats)
+    return {"visited": s.visited, "passed": s.passed, "rejected": s.rejected,
+            "failed": s.errors,
+            "modules": [{"label": w.label, "visited": s.module_visited[i],
+                         "passed": s.module_passed[i], "rejected": s.module_rejected[i],
+                         "errors": s.module_errors[i]} for i, w in enumerate(seq.workers)]}
+
+
+def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | None) -> dict:
+    status = scheduler.status
+    options = scheduler.options
+    wall = max(status.finished - status.started, 1e-9)
+    return {
+        "process": options.name,
+        "workflow": workflow,
+        "events": {"read": status.read, "accepted": status.accepted,
+                   "rejected": status.rejected, "failed": status.failed},
+        "failed_events": status.failures,
+        "stop_reason": status.stop_reason,
+        "not_processed": not_processed,
+        "exit_code": exit_code,
+        "paths": {seq.name: _path_entry(seq) for seq in scheduler.paths},
+        "endpaths": {seq.name: _path_entry(seq) for seq in scheduler.endpaths},
+        "modules": {label: _module_entry(w) for label, w in scheduler.workers.items()},
+        "wall_s": wall,
+        "throughput_hz": status.done / wall,
+        "threads": options.threads,
+        "streams": options.streams,
+    }
+
+
+def trig_report(report: dict) -> str:
+    ev = report["events"]
+    lines = ["TrigReport ---------- Event  Summary ------------",
+             f"TrigReport Events total = {ev['read']} passed = {ev['accepted']} "
+             f"rejected = {ev['rejected']} failed = {ev['failed']}", "",
+             "TrigReport ---------- Path   Summary ------------",
+             f"TrigReport {'Visited':>10} {'Passed':>10} {'Rejected':>10} {'Error':>8}  Name"]
+    for kind in ("paths", "endpaths"):
+        for name, p in report[kind].items():
+            lines.append(f"TrigReport {p['visited']:>10} {p['passed']:>10} {p['rejected']:>10} "
+                         f"{p['failed']:>8}  {name}{' (end path)' if kind == 'endpaths' else ''}")
+    for kind in ("paths", "endpaths"):
+        for name, p in report[kind].items():
+            lines += ["", f"TrigReport ---------- Modules in {kind[:-1].replace('end', 'End')}: "
+                          f"{name} ------------",
+                      f"TrigReport {'Visited':>10} {'Passed':>10} {'Rejected':>10} "
+                      f"{'Error':>8}  Name"]
+            for m in p["modules"]:
+                lines.append(f"TrigReport {m['visited']:>10} {m['passed']:>10} "
+                             f"{m['rejected']:>10} {m['errors']:>8}  {m['label']}")
+    lines += ["", "TrigReport ---------- Module Summary ------------",
+              f"TrigReport {'Visited':>10} {'Run':>10} {'Passed':>10} {'Rejected':>10} "
+              f"{'Error':>8}  Name"]
+    for label, m in report["modules"].items():
+        lines.append(f"TrigReport {m['visited']:>10} {m['runs']:>10} {m['passed']:>10} "
+                     f"{m['rejected']:>10} {m['errors']:>8}  {label}")
+    return "\n".join(lines)
+
+
+def time_report(report: dict) -> str:
+    lines = ["TimeReport ---------- Module Summary ---- [ms per call] ------------",
+             f"TimeReport {'runs':>8} {'real':>10} {'cpu':>10} {'acquire':>10} "
+             f"{'external':>10} {'produce':>10}  Name"]
+    for label, m in report["modules"].items():
+        ext = (f"{m['acquire_ms_mean']:>10.3f} {m['external_ms_mean']:>10.3f} "
+               f"{m['produce_ms_mean']:>10.3f}" if m.get("external_work")
+               else f"{'-':>10} {'-':>10} {'-':>10}")
+        lines.append(f"TimeReport {m['runs']:>8} {m['real_ms_mean']:>10.3f} "
+                     f"{m['cpu_ms_mean']:>10.3f} {ext}  {label}")
+    lines.append(f"TimeReport wall {report['wall_s']:.3f} s, "
+                 f"{report['throughput_hz']:.1f} events/s, threads {report['threads']}, "
+                 f"streams {report['streams']}")
+    return "\n".join(lines)
+
+
+def resources_json(report: dict) -> dict:
+    """The shape of CMSSW FastTimerService's ``resources.json`` (times in ms, summed)."""
+    modules = [{"type": m["type"], "label": label, "events": m["runs"],
+                "time_thread": m["cpu_ms_total"], "time_real": m["real_ms_total"]}
+               for label, m in report["modules"].items()]
+    total = {"type": "Job", "label": "total", "events": report["events"]["read"],
+             "time_thread": sum(m["time_thread"] for m in modules),
+             "time_real": report["wall_s"] * 1000.0}
+    return {"resources": [{"time_real": "real time"}, {"time_thread": "cpu time"}],
+            "total": total, "modules": modules}
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n")

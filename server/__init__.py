@@ -1,0 +1,1 @@
+"""The coprocessor side: model definitions, training, Triton model configs and recorun-server."""

@@ -1,0 +1,1 @@
+"""Clients behind the SONIC producers: Triton gRPC, in-process inference, server registry."""
