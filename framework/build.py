@@ -32,20 +32,19 @@ class BuiltWorkflow:
 
 def _instantiate(config: WorkflowConfig, spec: PluginSpec, kind: str, base: type):
     """Load the type (a class may stand for the name in workflows built in Python)."""
+    where = {"file": config.file, "label": spec.label, "what": kind}
     try:
         cls = spec.type_name if isinstance(spec.type_name, type) else load(kind, spec.type_name)
     except PluginNotFound as exc:
-        raise ConfigError(str(exc), file=config.file, label=spec.label) from None
+        raise ConfigError(str(exc), **where) from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ConfigError(f"'{spec.type_name}' is not a {base.__name__} subclass",
-                          file=config.file, label=spec.label)
+        raise ConfigError(f"'{spec.type_name}' is not a {base.__name__} subclass", **where)
     try:
         if kind == "module":
             return cls(spec.label, **spec.params)
         return cls(**spec.params)
     except ParamError as exc:
-        raise ConfigError(str(exc), file=config.file, label=spec.label,
-                          parameter=exc.name) from None
+        raise ConfigError(str(exc), parameter=exc.name, **where) from None
 
 
 def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:

@@ -6,6 +6,8 @@ event (with ``on_error: stop``); 130 interrupted. 1 means a bug in recorun itsel
 from __future__ import annotations
 
 import argparse
+import inspect
+import logging
 import sys
 
 from . import __version__
@@ -13,6 +15,7 @@ from .build import build_workflow
 from .config import load_workflow
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError, RecorunError
 from .process import run_job
+from .registry import GROUPS, PluginNotFound, available, load
 from .reports import resources_json, time_report, trig_report, write_json
 
 
@@ -21,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
         prog="recorun", description="Run a recorun workflow (a YAML file of modules and paths).",
         epilog="exit codes: 0 ok, 2 configuration error, 3 input data error, "
                "4 module error on an event, 130 interrupted")
-    p.add_argument("workflow", help="the workflow YAML file")
+    p.add_argument("workflow", nargs="?", help="the workflow YAML file")
     p.add_argument("-n", "--max-events", type=int, metavar="N",
                    help="process at most N events (process.max_events)")
     p.add_argument("-j", "--threads", type=int, metavar="N", help="pool threads (process.threads)")
@@ -47,6 +50,10 @@ def parser() -> argparse.ArgumentParser:
                            help="no progress, no reports on the terminal; errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true",
                            help="also list every failed event and the graph's warnings")
+    p.add_argument("--list", action="store_true",
+                   help="list the registered module, source and service types")
+    p.add_argument("--describe", metavar="TYPE",
+                   help="print a module (or source, service) type's docstring and parameters")
     p.add_argument("--version", action="version", version=f"recorun {__version__}")
     return p
 
@@ -63,9 +70,45 @@ def _overrides(args) -> list[str]:
     return list(args.overrides) + extra
 
 
+def _list_types() -> None:
+    for kind in GROUPS:
+        names = available(kind)
+        print(f"{kind} types ({GROUPS[kind]}): {', '.join(names) or 'none'}")
+
+
+def _describe(name: str) -> int:
+    first_error = None
+    for kind in GROUPS:
+        try:
+            cls = load(kind, name)
+        except PluginNotFound as exc:
+            first_error = first_error or exc
+            continue
+        print(f"{name}: {kind} {cls.__module__}.{cls.__qualname__}")
+        if cls.__doc__:
+            print(inspect.cleandoc(cls.__doc__))
+        for param in cls.parameters().values():
+            print(f"  {param.describe()}")
+        return EXIT_OK
+    sys.stderr.write(f"recorun: {first_error} (recorun --list shows every type)\n")
+    return EXIT_CONFIG
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     err = sys.stderr
+    logging.basicConfig(stream=err, format="%(message)s",
+                        level=logging.WARNING if args.quiet else logging.INFO)
+    if args.list:
+        _list_types()
+        return EXIT_OK
+    if args.describe:
+        return _describe(args.describe)
+    if args.workflow is None:
+        cli.error("a workflow file is required (or --list / --describe TYPE)")
+    if args.sync and (args.threads or 1, args.streams or 1) != (1, 1):
+        cli.error("--sync runs one thread and one stream; it cannot go with -j or -s above 1")
     try:
         config = load_workflow(args.workflow, _overrides(args))
         built = build_workflow(config)

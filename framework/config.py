@@ -45,9 +45,10 @@ class ProcessOptions:
             self.streams = self.threads
 
 
-PROCESS_TYPES = {"name": str, "threads": int, "streams": (int, type(None)),
-                 "max_events": (int, type(None)), "on_error": str, "watchdog_s": (int, float),
-                 "report_every_s": (int, float), "synchronous": bool}
+PROCESS_TYPES = {"name": (str,), "threads": (int,), "streams": (int, type(None)),
+                 "max_events": (int, type(None)), "on_error": (str,),
+                 "watchdog_s": (int, float), "report_every_s": (int, float),
+                 "synchronous": (bool,)}
 
 
 @dataclass
@@ -93,6 +94,11 @@ def apply_overrides(raw: dict, overrides: list[str], file: str) -> None:
         node = raw
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
+            if child is None and depth == 1 and parts[0] in ("modules", "services"):
+                near = difflib.get_close_matches(part, list(node), n=1)
+                hint = f"; did you mean '{near[0]}'?" if near else ""
+                raise ConfigError(f"--set '{item}': no {parts[0][:-1]} '{part}'{hint}",
+                                  file=file)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
@@ -105,11 +111,10 @@ def apply_overrides(raw: dict, overrides: list[str], file: str) -> None:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text()
+        with open(path) as stream:          # a stream, so that YAML's marks name the file
+            raw = yaml.safe_load(stream)
     except OSError as exc:
         raise ConfigError(f"cannot read workflow: {exc.strerror}", file=str(path)) from None
-    try:
-        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"not valid YAML: {exc}", file=str(path)) from None
     if not isinstance(raw, dict):
@@ -172,8 +177,10 @@ def parse_workflow(raw: dict, file: str) -> WorkflowConfig:
             raise ConfigError(f"unknown process option '{key}'{hint} "
                               f"(known: {', '.join(PROCESS_TYPES)})", file=file)
         expected = PROCESS_TYPES[key]
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            raise ConfigError(f"process.{key} has the wrong type: {value!r}", file=file)
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in expected)
+            raise ConfigError(f"process.{key}: expected {names}, got {type(value).__name__} "
+                              f"{value!r}", file=file)
     process = ProcessOptions(**process_raw)
     if process.threads < 1 or process.streams < 1:
         raise ConfigError(f"process.threads and process.streams must be at least 1 "

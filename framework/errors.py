@@ -24,13 +24,13 @@ class ConfigError(RecorunError):
     exit_code = EXIT_CONFIG
 
     def __init__(self, message: str, *, file: str | None = None, label: str | None = None,
-                 parameter: str | None = None):
+                 parameter: str | None = None, what: str = "module"):
         self.file, self.label, self.parameter = file, label, parameter
         where = []
         if file:
             where.append(str(file))
         if label:
-            where.append(f"module '{label}'")
+            where.append(f"{what} '{label}'" if what != "source" else "source")
         if parameter:
             where.append(f"parameter '{parameter}'")
         super().__init__(f"{': '.join(where)}: {message}" if where else message)

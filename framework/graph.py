@@ -73,13 +73,18 @@ class ModuleGraph:
                                         "paths", node.label, param)
                     continue
                 producer = self.producer_of.get(tag)
+                target = self.nodes.get(tag_label(tag))
+                if producer is None and target is not None and not isinstance(
+                        target.module, Producer):
+                    raise cfg.error(f"reads '{tag}' from '{target.label}', a {target.kind}; "
+                                    f"only producers can be read from", node.label, param)
                 if producer is None:
                     raise cfg.error(self._missing_message(tag), node.label, param)
                 if producer != SOURCE_LABEL:
-                    target = self.nodes[producer]
-                    if not isinstance(target.module, Producer):
-                        raise cfg.error(f"reads '{tag}' from '{producer}', a {target.kind}; "
-                                        f"only producers can be read from", node.label, param)
+                    if not isinstance(self.nodes[producer].module, Producer):
+                        raise cfg.error(f"reads '{tag}' from '{producer}', a "
+                                        f"{self.nodes[producer].kind}; only producers can be "
+                                        f"read from", node.label, param)
                     if producer not in node.deps:
                         node.deps.append(producer)
                 self.graph.add_edge(producer, node.label, tag=tag)

@@ -36,7 +36,7 @@ import time
 from enum import Enum
 from typing import Any, ClassVar
 
-from .params import declared_params, resolve_params
+from .params import Configurable
 
 
 class Concurrency(str, Enum):
@@ -45,7 +45,7 @@ class Concurrency(str, Enum):
     SERIAL = "serial"
 
 
-class Module:
+class Module(Configurable):
     """Base of all modules. ``label`` is the module's name in the workflow."""
 
     kind: ClassVar[str] = "module"
@@ -55,17 +55,12 @@ class Module:
     def __init__(self, label: str = "", **params: Any):
         self.label = label or type(self).__name__
         self.services: dict[str, Any] = {}
-        for name, value in resolve_params(type(self), params).items():
-            setattr(self, name, value)
-
-    @classmethod
-    def parameters(cls):
-        return declared_params(cls)
+        super().__init__(**params)
 
     def consumed_tags(self) -> list[str]:
         """Products this module reads: the values of its InputTag parameters."""
         tags: list[str] = []
-        for name, param in declared_params(type(self)).items():
+        for name, param in self.parameters().items():
             if param.consumes:
                 tags.extend(param.tags(getattr(self, name)))
         return tags

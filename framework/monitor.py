@@ -20,10 +20,11 @@ class InFlight:
         self._calls: dict[int, tuple] = {}
         self._keys = itertools.count()
 
-    def enter(self, label: str, method: str, event_id) -> int:
+    def enter(self, label: str, method: str, event_id, where: str | None = None) -> int:
+        """Register a call on this thread (or work elsewhere, described by ``where``)."""
         key = next(self._keys)
         self._calls[key] = (label, method, event_id, time.monotonic(),
-                            threading.current_thread().name)
+                            where or threading.current_thread().name)
         return key
 
     def leave(self, key: int) -> None:

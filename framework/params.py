@@ -37,28 +37,32 @@ def _type_name(t) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _check(value: Any, t, where: str) -> Any:
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _check(value: Any, t, where: str = "") -> Any:
     """Return ``value`` converted to ``t`` (int -> float only), or raise TypeError."""
     origin = typing.get_origin(t)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            raise TypeError(f"{_at(where)}expected a list, got {type(value).__name__} {value!r}")
         (item_type,) = typing.get_args(t)[:1] or (Any,)
         return [_check(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            raise TypeError(f"{_at(where)}expected a mapping, got {type(value).__name__} {value!r}")
         key_type, value_type = typing.get_args(t)
-        return {_check(k, key_type, f"{where} key"): _check(v, value_type, f"{where}[{k!r}]")
+        return {_check(k, key_type, f"{where}key {k!r}"): _check(v, value_type, f"{where}[{k!r}]")
                 for k, v in value.items()}
     if t is Any:
         return value
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if t is int and isinstance(value, bool):
-        raise TypeError(f"{where}: expected int, got bool {value!r}")
+        raise TypeError(f"{_at(where)}expected int, got bool {value!r}")
     if not isinstance(value, t):
-        raise TypeError(f"{where}: expected {_type_name(t)}, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{_at(where)}expected {_type_name(t)}, got {type(value).__name__} {value!r}")
     return value
 
 
@@ -83,7 +87,7 @@ class Param:
 
     def convert(self, value: Any) -> Any:
         try:
-            value = _check(value, self.type, self.name)
+            value = _check(value, self.type)
         except TypeError as exc:
             raise ParamError(self.name, str(exc)) from None
         if self.choices and value not in self.choices:
@@ -96,7 +100,9 @@ class Param:
 
     def describe(self) -> str:
         default = "required" if self.required else f"default {self.default!r}"
-        return f"{self.name} ({_type_name(self.type)}, {default}): {self.doc}"
+        kind = type(self).__name__ if self.consumes else _type_name(self.type)
+        choices = f", one of {list(self.choices)}" if self.choices else ""
+        return f"{self.name} ({kind}, {default}{choices}): {self.doc}"
 
 
 class InputTag(Param):
@@ -174,3 +180,15 @@ def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
         else:
             values[name] = copy.deepcopy(param.default)
     return values
+
+
+class Configurable:
+    """Base of everything a workflow configures: declared parameters become attributes."""
+
+    def __init__(self, **params: Any):
+        for name, value in resolve_params(type(self), params).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def parameters(cls) -> dict[str, Param]:
+        return declared_params(cls)

@@ -38,8 +38,9 @@ def load(kind: str, name: str):
         module_name, _, attr = name.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise PluginNotFound(f"cannot import '{module_name}' for {kind} type '{name}': {exc}")
+        except Exception as exc:
+            raise PluginNotFound(f"cannot import '{module_name}' for {kind} type '{name}': "
+                                 f"{type(exc).__name__}: {exc}")
         try:
             return getattr(module, attr)
         except AttributeError:

@@ -18,10 +18,10 @@ def _mean(total_ns: int, count: int) -> float:
     return total_ns / NS_PER_MS / count if count else 0.0
 
 
-def _module_entry(worker) -> dict:
+def _module_entry(worker, visited: int) -> dict:
     s = merge(worker.stats)
     entry = {"type": worker.type_name, "kind": worker.kind, "runs": s.runs,
-             "visited": s.visited, "passed": s.passed, "rejected": s.rejected,
+             "visited": visited, "passed": s.passed, "rejected": s.rejected,
              "errors": s.errors,
              "real_ms_mean": _mean(s.real_ns, s.runs), "cpu_ms_mean": _mean(s.cpu_ns, s.runs),
              "real_ms_total": s.real_ns / NS_PER_MS, "cpu_ms_total": s.cpu_ns / NS_PER_MS}
@@ -48,6 +48,12 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
     status = scheduler.status
     options = scheduler.options
     wall = max(status.finished - status.started, 1e-9)
+    paths = {seq.name: _path_entry(seq) for seq in scheduler.paths}
+    endpaths = {seq.name: _path_entry(seq) for seq in scheduler.endpaths}
+    visited = dict.fromkeys(scheduler.workers, 0)     # times a path reached each module
+    for entry in (*paths.values(), *endpaths.values()):
+        for m in entry["modules"]:
+            visited[m["label"]] += m["visited"]
     return {
         "process": options.name,
         "workflow": workflow,
@@ -57,9 +63,10 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "stop_reason": status.stop_reason,
         "not_processed": not_processed,
         "exit_code": exit_code,
-        "paths": {seq.name: _path_entry(seq) for seq in scheduler.paths},
-        "endpaths": {seq.name: _path_entry(seq) for seq in scheduler.endpaths},
-        "modules": {label: _module_entry(w) for label, w in scheduler.workers.items()},
+        "paths": paths,
+        "endpaths": endpaths,
+        "modules": {label: _module_entry(w, visited[label])
+                    for label, w in scheduler.workers.items()},
         "wall_s": wall,
         "throughput_hz": status.done / wall,
         "threads": options.threads,

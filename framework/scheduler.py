@@ -44,6 +44,8 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
+import networkx as nx
+
 from .build import BuiltWorkflow
 from .errors import InputError, ModuleError
 from .event import Event, ModuleEvent, TriggerResults
@@ -65,7 +67,8 @@ class Worker:
     """One module label: its instances (one per stream or one shared), its stats."""
 
     __slots__ = ("label", "index", "type_name", "kind", "method", "external", "deps",
-                 "consumes", "instances", "select_events", "copies", "queue", "stats")
+                 "upstream", "consumes", "instances", "select_events", "copies", "queue",
+                 "stats")
 
     def __init__(self, index, node, copies, streams, queue):
         self.label = node.label
@@ -74,7 +77,8 @@ class Worker:
         self.kind = node.kind
         self.method = METHODS[node.kind]
         self.external = isinstance(node.module, ExternalWorkProducer)
-        self.deps: list[Worker] = []
+        self.deps: list[Worker] = []        # producers it reads from
+        self.upstream: list[Worker] = []    # all producers it needs, dependencies first
         self.consumes = frozenset(node.consumes)
         self.instances = frozenset(node.module.produced_instances())
         self.select_events: tuple[str, ...] = ()
@@ -195,6 +199,9 @@ class Scheduler:
             self.workers[label] = worker
         for label, worker in self.workers.items():
             worker.deps = [self.workers[d] for d in graph.nodes[label].deps]
+            ancestors = nx.ancestors(graph.graph, label)
+            worker.upstream = sorted((self.workers[a] for a in ancestors if a in self.workers),
+                                     key=lambda w: w.index)
 
     def all_instances(self):
         for worker in self.workers.values():
@@ -312,7 +319,6 @@ class Scheduler:
                     continue
                 else:
                     stats.module_visited[i] += 1
-                    worker.stats[run.stream].visited += 1
                     result = self.request(run, worker, seq.name,
                                           partial(self._walk, run, seq, i))
                     if result is PENDING:
@@ -346,6 +352,8 @@ class Scheduler:
             else:
                 state.waiters.append(waiter)
                 return PENDING
+        if worker.upstream:
+            self._start_upstream(run, worker.upstream, path)
         result = self._prefetch(run, worker, state)
         if result is PENDING:
             with run.lock:
@@ -355,6 +363,19 @@ class Scheduler:
                 return state.result
         self._finish(run, worker, state, result)
         return result
+
+    def _start_upstream(self, run, upstream, path) -> None:
+        """Start every producer a module needs, dependencies first. Each one's own
+        dependencies have then been started already, so requesting them never recurses."""
+        states = run.states
+        for producer in upstream:
+            with run.lock:
+                if states[producer.index] is not None:
+                    continue
+                state = states[producer.index] = ModuleState(path)
+            result = self._prefetch(run, producer, state)
+            if result is not PENDING:
+                self._finish(run, producer, state, result)
 
     def _prefetch(self, run, worker, state):
         deps = worker.deps
@@ -466,7 +487,8 @@ class Scheduler:
         dc = cpu_ns() - c0
         if inflight is not None:
             inflight.leave(key)
-            holder_key = inflight.enter(worker.label, "external", run.event.id)
+            holder_key = inflight.enter(worker.label, "external", run.event.id,
+                                        "waiting for holder.done()")
             holder.on_external_end = partial(inflight.leave, holder_key)
         stats.runs += 1
         stats.real_ns += t1 - t0

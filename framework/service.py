@@ -6,17 +6,10 @@ every thread: it must be thread-safe.
 """
 from __future__ import annotations
 
-from .params import declared_params, resolve_params
+from .params import Configurable
 
 
-class Service:
-    def __init__(self, **params):
-        for name, value in resolve_params(type(self), params).items():
-            setattr(self, name, value)
-
-    @classmethod
-    def parameters(cls):
-        return declared_params(cls)
+class Service(Configurable):
 
     def begin_job(self) -> None:
         """Called before the modules' begin_job."""

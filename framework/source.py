@@ -10,21 +10,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 from .event import Event, EventID
-from .params import Param, declared_params, resolve_params
+from .params import Configurable, Param
 
 SOURCE_LABEL = "source"
 
 
-class Source:
+class Source(Configurable):
     label: ClassVar[str] = SOURCE_LABEL
-
-    def __init__(self, **params):
-        for name, value in resolve_params(type(self), params).items():
-            setattr(self, name, value)
-
-    @classmethod
-    def parameters(cls):
-        return declared_params(cls)
 
     def product_tags(self) -> list[str]:
         """Tags of the products every event from this source carries."""

@@ -1,8 +1,9 @@
 """Counters and timers the scheduler fills while it runs.
 
 Each (module, stream) and (path, stream) pair has its own record: a stream holds one event at
-a time and a module runs at most once per event, so a record has one writer at a time and
-needs no lock. :func:`merge` adds the streams up at the end.
+a time, a module runs at most once per event and a path walks its modules one after another,
+so a record has one writer at a time and needs no lock. (How often paths reached a module is
+therefore counted per path, not per module: a module on two paths is reached by both at once.) :func:`merge` adds the streams up at the end.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from dataclasses import dataclass, field, fields
 
 @dataclass
 class ModuleStats:
-    visited: int = 0          # reached on a path or end path
     runs: int = 0             # events on which the module was called
     passed: int = 0           # filter returned true
     rejected: int = 0         # filter returned false

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from pathlib import Path
 
 import numpy as np
 
 from framework import Analyzer, Concurrency, InputTag, Param
+
+log = logging.getLogger(__name__)
 
 
 class SummaryAnalyzer(Analyzer):
@@ -48,8 +51,8 @@ class SummaryAnalyzer(Analyzer):
 
     def end_job(self):
         summary = self.summary()
-        print(f"{self.label}: {summary['events']} events, jets per event "
-              f"{summary['jet_multiplicity']}, mean MET {summary['mean_met']:.1f} GeV")
+        log.info("%s: %d events, jets per event %s, mean MET %.1f GeV", self.label,
+                 summary["events"], summary["jet_multiplicity"], summary["mean_met"])
         if self.output:
             Path(self.output).parent.mkdir(parents=True, exist_ok=True)
             Path(self.output).write_text(json.dumps(summary, indent=1) + "\n")

@@ -9,12 +9,15 @@ every event, so a file with the final name is always complete; a job that stoppe
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from framework import InputTagList, OutputModule, Param
+
+log = logging.getLogger(__name__)
 
 
 def _column(tag: str) -> str:
@@ -47,6 +50,7 @@ class NpzOutput(OutputModule):
             np.savez(handle, **arrays)
         if self.job_complete:
             os.replace(partial, path)
-            print(f"{self.label}: wrote {len(order)} events to {path}")
+            log.info("%s: wrote %d events to %s", self.label, len(order), path)
         else:
-            print(f"{self.label}: job stopped early; {len(order)} events left in {partial}")
+            log.warning("%s: job stopped early; %d events left in %s", self.label, len(order),
+                        partial)

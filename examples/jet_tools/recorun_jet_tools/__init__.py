@@ -1,0 +1,1 @@
+"""An example of a recorun plugin package: modules that live outside recorun."""

@@ -1,0 +1,400 @@
+"""The ``recorun`` command line: the HLT workflow end to end, its options, its outputs and its
+exit codes (0 ok, 3 input data error, 4 module failed on an event, 130 interrupted).
+
+The CLI runs as a subprocess in ``tmp_path`` (the HLT workflow writes
+``out/workflow_hlt_accepted.npz`` relative to the working directory). Modules that inject faults
+or latency are written to ``tmp_path/cli_helpers.py`` (on PYTHONPATH) and named in YAML or with
+``--set`` as ``cli_helpers:ClassName``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = REPO / "workflows" / "workflow_hlt.yaml"
+NPZ = Path("out/workflow_hlt_accepted.npz")
+HLT = yaml.safe_load(WORKFLOW.read_text())
+LABELS = set(HLT["modules"])
+PATHS = set(HLT["paths"])
+ENDPATHS = set(HLT["endpaths"])
+
+HELPERS = '''
+"""Fault and latency injection for the CLI tests."""
+import threading
+
+import numpy as np
+
+from framework import (Concurrency, EmptySource, ExternalWorkProducer, Filter, InputError,
+                       InputTag, Param)
+from modules.external_calibration import calibrate
+
+
+class FailingSource(EmptySource):
+    """Fault injection: pretends to read its events from ``file``; the event at index
+    ``fail_at`` cannot be read (InputError naming the file)."""
+
+    file = Param(str, doc="the file it pretends to read")
+    fail_at = Param(int, 4, doc="index of the unreadable event")
+
+    def next_event(self, index):
+        if index == self.fail_at:
+            raise InputError(f"{self.file}: cannot read event at entry {index}: "
+                             f"corrupt basket in branch 'hits'")
+        return super().next_event(index)
+
+
+class FailingHTFilter(Filter):
+    """HT filter (scalar sum of jet pT) with an injected fault: raises on event number
+    ``fail_event``."""
+
+    concurrency = Concurrency.SHARED
+    jets = InputTag("jets", doc="jets with a 'pt' field")
+    min_ht = Param(float, 300.0, doc="HT threshold, GeV")
+    fail_event = Param(int, doc="event number on which it raises")
+
+    def filter(self, event):
+        ht = float(np.sum(event.get(self.jets)["pt"]))
+        if event.id.event == self.fail_event:
+            raise ValueError(f"injected fault: HT = {ht:.1f} GeV")
+        return ht >= self.min_ht
+
+
+class SlowExternalCalibrator(ExternalWorkProducer):
+    """Tower calibration computed in acquire; the external call's round trip is injected
+    latency: holder.done() comes from a threading.Timer ``latency_s`` later."""
+
+    concurrency = Concurrency.SHARED
+    towers = InputTag("towers", doc="tower ET grid")
+    latency_s = Param(float, 0.05, doc="injected latency of the external call, s")
+
+    def begin_job(self):
+        self._lock = threading.Lock()
+        self._results = {}
+
+    def acquire(self, event, holder):
+        calibrated = calibrate(np.asarray(event.get(self.towers)), 0.5, 1.0)
+        key = event.index
+
+        def reply():                       # the external service answers
+            with self._lock:
+                self._results[key] = calibrated
+            holder.done()
+
+        timer = threading.Timer(self.latency_s, reply)   # injected latency
+        timer.daemon = True
+        timer.start()
+
+    def produce(self, event):
+        with self._lock:
+            calibrated = self._results.pop(event.index)
+        event.put(calibrated)
+'''
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "cli_helpers.py").write_text(HELPERS)
+    return tmp_path
+
+
+def _env(cwd: Path) -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(cwd), os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def recorun(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "framework.cli", *map(str, args)], cwd=cwd,
+                          env=_env(cwd), capture_output=True, text=True, timeout=timeout)
+
+
+def ok(run: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stderr}"
+    assert "Traceback" not in run.stderr, run.stderr
+    return run
+
+
+def report_of(cwd: Path, *args: str, name: str = "r.json") -> dict:
+    ok(recorun(cwd, WORKFLOW, *args, "--report-json", name, "-q"))
+    return json.loads((cwd / name).read_text())
+
+
+# -- a full run ---------------------------------------------------------------------------------
+
+def test_hlt_workflow_writes_reports_trace_and_output(workdir):
+    run = ok(recorun(workdir, WORKFLOW, "-n", 50, "--report-json", "r.json",
+                     "--resources-json", "res.json", "--trace", "t.json"))
+
+    # the job report
+    report = json.loads((workdir / "r.json").read_text())
+    for key in ("process", "workflow", "events", "failed_events", "stop_reason", "not_processed",
+                "exit_code", "paths", "endpaths", "modules", "wall_s", "throughput_hz",
+                "threads", "streams"):
+        assert key in report, key
+    ev = report["events"]
+    assert ev["read"] == 50
+    assert ev["accepted"] + ev["rejected"] + ev["failed"] == 50
+    assert ev["failed"] == 0 and 0 < ev["accepted"] < 50
+    assert report["failed_events"] == [] and report["exit_code"] == 0
+    assert report["stop_reason"] is None and report["not_processed"] is None
+    assert report["process"] == "HLT" and (report["threads"], report["streams"]) == (1, 1)
+    assert set(report["paths"]) == PATHS and set(report["endpaths"]) == ENDPATHS
+    for name, path in report["paths"].items():
+        assert path["visited"] == 50, name
+        assert path["passed"] + path["rejected"] + path["failed"] == 50, name
+        assert [m["label"] for m in path["modules"]] == HLT["paths"][name]
+    assert report["endpaths"]["out"]["modules"][0]["passed"] == ev["accepted"]
+    assert set(report["modules"]) == LABELS
+    for label, module in report["modules"].items():
+        for key in ("type", "kind", "runs", "visited", "passed", "rejected", "errors",
+                    "real_ms_mean", "cpu_ms_mean", "real_ms_total", "cpu_ms_total"):
+            assert key in module, (label, key)
+        assert module["type"] == HLT["modules"][label]["type"]
+    towers = report["modules"]["towers"]
+    assert towers["external_work"] is True and towers["runs"] == 50
+    for key in ("acquire_ms_mean", "external_ms_mean", "produce_ms_mean"):
+        assert towers[key] >= 0.0, key
+    assert report["wall_s"] > 0 and report["throughput_hz"] > 0
+
+    # resources.json (FastTimerService shape)
+    resources = json.loads((workdir / "res.json").read_text())
+    assert set(resources) == {"resources", "total", "modules"}
+    assert {"time_real", "time_thread"} <= {k for d in resources["resources"] for k in d}
+    assert resources["total"]["label"] == "total" and resources["total"]["events"] == 50
+    assert {m["label"] for m in resources["modules"]} == LABELS
+    for module in resources["modules"]:
+        assert set(module) >= {"type", "label", "events", "time_thread", "time_real"}
+        assert module["events"] == report["modules"][module["label"]]["runs"]
+
+    # the Chrome / Perfetto trace
+    trace = json.loads((workdir / "t.json").read_text())
+    assert "traceEvents" in trace
+    calls = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for entry in calls:
+        assert {"name", "cat", "ts", "dur", "pid", "tid"} <= set(entry), entry
+        assert entry["dur"] >= 0
+    assert {e["name"] for e in calls if e["cat"] != "event"} == LABELS
+    assert {"produce", "acquire", "external", "filter", "analyze", "write"} <= {
+        e["cat"] for e in calls}
+    assert len([e for e in calls if e["cat"] == "event"]) == 50
+    assert any(e["ph"] == "M" and e["name"] == "thread_name" for e in trace["traceEvents"])
+
+    # the reports on stdout
+    assert "TrigReport ---------- Event  Summary" in run.stdout
+    assert (f"TrigReport Events total = 50 passed = {ev['accepted']} "
+            f"rejected = {ev['rejected']} failed = 0") in run.stdout
+    assert "TimeReport ---------- Module Summary" in run.stdout
+    for label in LABELS:
+        assert re.search(rf"^TimeReport .* {label}$", run.stdout, re.M), label
+    assert "50 events read" in run.stderr
+
+    # the accepted events in the output file
+    npz = workdir / NPZ
+    assert npz.exists() and not npz.with_name(npz.name + ".partial").exists()
+    with np.load(npz) as data:
+        assert data["event_id"].shape == (ev["accepted"], 3)
+        assert data["jets__counts"].shape == (ev["accepted"],)
+        assert data["jets"].shape[0] == data["jets__counts"].sum()
+        assert data["met__counts"].tolist() == [1] * ev["accepted"]
+        assert "hits_truth" in data
+
+
+# -- --check and --dump-graph ---------------------------------------------------------------------
+
+def test_check_validates_without_running(workdir):
+    run = ok(recorun(workdir, WORKFLOW, "--check", "--report-json", "r.json"))
+    lines = run.stdout.strip().splitlines()
+    assert len(lines) == 1, run.stdout
+    assert lines[0].startswith(f"{WORKFLOW}: OK: {len(LABELS)} modules, {len(PATHS)} paths, "
+                               f"{len(ENDPATHS)} end paths"), lines[0]
+    assert "TrigReport" not in run.stdout and "events read" not in run.stderr
+    assert not (workdir / "out").exists()
+    assert not (workdir / "r.json").exists()
+
+
+# products each module of workflow_hlt.yaml reads: (producer, consumer)
+PRODUCT_EDGES = {("hits", "rawTowers"), ("rawTowers", "towers"), ("towers", "jets"),
+                 ("towers", "met"), ("jets", "htFilter"), ("met", "metFilter"),
+                 ("jets", "summary"), ("met", "summary"), ("jets", "output"), ("met", "output"),
+                 ("hits", "output")}
+
+
+def test_dump_graph_writes_dot_with_every_module_and_product_edge(workdir):
+    run = ok(recorun(workdir, WORKFLOW, "--check", "--dump-graph", "g.dot"))
+    assert "g.dot" in run.stderr
+    assert f"{len(PRODUCT_EDGES)} product edges" in run.stdout
+    dot = (workdir / "g.dot").read_text()
+    assert dot.startswith("digraph") and dot.rstrip().endswith("}")
+    nodes = set(re.findall(r'^\s*"([^"]+)" \[shape=', dot, re.M))
+    assert nodes == LABELS | {"source"}
+    for label, spec in HLT["modules"].items():
+        assert f'label="{label}\\n{spec["type"]}"' in dot, label
+    edges = {}
+    for a, b, attrs in re.findall(r'^\s*"([^"]+)" -> "([^"]+)" \[(.*)\];$', dot, re.M):
+        if "dashed" not in attrs:                       # dashed: path order, not products
+            edges.setdefault((a, b), []).append(re.search(r'label="([^"]+)"', attrs).group(1))
+    assert set(edges) == PRODUCT_EDGES
+    assert edges[("hits", "output")] == ["hits:truth"]
+    assert edges[("towers", "jets")] == ["towers"]
+    assert not (workdir / "out").exists()
+
+
+# -- options that change the job ------------------------------------------------------------------
+
+def test_threads_and_streams_options(workdir):
+    report = report_of(workdir, "-n", 20, "-j", 2, "-s", 4)
+    assert (report["threads"], report["streams"]) == (2, 4)
+    assert report["events"]["read"] == 20
+    report = report_of(workdir, "-n", 20, "--set", "process.threads=2")
+    assert (report["threads"], report["streams"]) == (2, 1)     # the workflow says streams: 1
+    assert report["events"]["read"] == 20
+    report = report_of(workdir, "-n", 20, "--set", "process.threads=2",
+                       "--set", "process.streams=null")
+    assert (report["threads"], report["streams"]) == (2, 2)     # streams default to threads
+    report = report_of(workdir, "-n", 20, "--set", "process.streams=3")
+    assert (report["threads"], report["streams"]) == (1, 3)
+
+
+def test_max_events_limits_the_events_read(workdir):
+    report = report_of(workdir, "-n", 10)
+    ev = report["events"]
+    assert ev["read"] == 10 and ev["accepted"] + ev["rejected"] + ev["failed"] == 10
+    assert report["modules"]["hits"]["runs"] == 10
+    assert report["stop_reason"] is None and report["not_processed"] is None
+    with np.load(workdir / NPZ) as data:
+        assert len(data["event_id"]) == ev["accepted"]
+        assert set(data["event_id"][:, 2]) <= set(range(1, 11))
+
+
+def test_set_threshold_makes_the_ht_path_accept_nothing(workdir):
+    base = report_of(workdir, "-n", 30, name="base.json")
+    assert base["paths"]["HLT_HT300"]["passed"] > 0
+    report = report_of(workdir, "-n", 30, "--set", "modules.htFilter.min_ht=100000")
+    ht = report["paths"]["HLT_HT300"]
+    assert (ht["visited"], ht["passed"], ht["rejected"]) == (30, 0, 30)
+    assert report["modules"]["htFilter"]["passed"] == 0
+    # the other paths do not change
+    for name in ("HLT_MET60", "HLT_MinBias"):
+        assert report["paths"][name]["passed"] == base["paths"][name]["passed"]
+    assert report["events"]["accepted"] < base["events"]["accepted"]
+
+
+def test_quiet_prints_no_reports(workdir):
+    run = ok(recorun(workdir, WORKFLOW, "-n", 20, "-q", "--report-json", "r.json"))
+    assert "TrigReport" not in run.stdout and "TimeReport" not in run.stdout
+    assert "TrigReport" not in run.stderr and "TimeReport" not in run.stderr
+    assert "events read" not in run.stderr and "events processed" not in run.stderr
+    assert json.loads((workdir / "r.json").read_text())["events"]["read"] == 20
+
+
+# -- exit codes of jobs that stop ------------------------------------------------------------------
+
+def test_input_error_exits_3_and_names_the_file(workdir):
+    run = recorun(workdir, WORKFLOW, "--report-json", "r.json",
+                  "--set", "source.type=cli_helpers:FailingSource",
+                  "--set", "source.file=store/run2021/hlt_raw_0007.root",
+                  "--set", "source.count=20")
+    assert run.returncode == 3, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    assert re.search(r"recorun: error: .*store/run2021/hlt_raw_0007\.root.*entry 4",
+                     run.stderr), run.stderr
+    report = json.loads((workdir / "r.json").read_text())
+    ev = report["events"]
+    assert ev["read"] == 4 and ev["accepted"] + ev["rejected"] + ev["failed"] == 4
+    assert report["exit_code"] == 3 and report["stop_reason"] == "input error"
+    assert report["not_processed"] == "16 events not read (event indices 4 to 19)"
+    assert "16 events not read (event indices 4 to 19)" in run.stderr
+    # an incomplete job leaves no file under the final name
+    assert not (workdir / NPZ).exists()
+
+
+def test_module_error_exits_4_and_names_event_module_and_method(workdir):
+    run = recorun(workdir, WORKFLOW, "-n", 30, "--report-json", "r.json",
+                  "--set", "modules.htFilter.type=cli_helpers:FailingHTFilter",
+                  "--set", "modules.htFilter.fail_event=7")
+    assert run.returncode == 4, run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+    err = run.stderr
+    assert "module 'htFilter' (FailingHTFilter) failed in filter() on event 1:1:7" in err, err
+    assert "path 'HLT_HT300'" in err and "ValueError: injected fault" in err, err
+    report = json.loads((workdir / "r.json").read_text())
+    assert report["exit_code"] == 4 and report["stop_reason"] == "module error"
+    (failure,) = report["failed_events"]
+    assert failure["event"] == "1:1:7" and failure["label"] == "htFilter"
+    assert failure["module_type"] == "FailingHTFilter" and failure["method"] == "filter"
+    assert failure["path"] == "HLT_HT300"
+    ev = report["events"]
+    assert ev["failed"] == 1 and ev["read"] == 7
+    assert ev["accepted"] + ev["rejected"] + ev["failed"] == ev["read"]
+    assert report["not_processed"] == "23 events not read (event indices 7 to 29)"
+    assert "not read" in err
+
+
+INTERRUPT_WORKFLOW = {
+    "process": {"name": "SLOW", "threads": 2, "streams": 4, "report_every_s": 0.2},
+    "source": {"type": "EmptySource", "count": 100000},
+    "modules": {
+        "hits": {"type": "ToyCaloHitProducer", "seed": 2021},
+        "rawTowers": {"type": "CaloTowerProducer", "hits": "hits"},
+        "towers": {"type": "cli_helpers:SlowExternalCalibrator", "towers": "rawTowers",
+                   "latency_s": 0.05},
+        "jets": {"type": "TowerJetProducer", "towers": "towers"},
+        "htFilter": {"type": "HTFilter", "jets": "jets", "min_ht": 300.0},
+        "output": {"type": "NpzOutput", "products": ["jets"], "file": "out/slow.npz",
+                   "select_events": ["HLT_HT300"]},
+    },
+    "paths": {"HLT_HT300": ["htFilter"]},
+    "endpaths": {"out": ["output"]},
+}
+
+
+def test_sigint_stops_the_job_exits_130_and_still_reports(workdir):
+    (workdir / "slow.yaml").write_text(yaml.safe_dump(INTERRUPT_WORKFLOW, sort_keys=False))
+    stderr_path = workdir / "stderr.txt"
+    with open(stderr_path, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "framework.cli", "slow.yaml",
+                                 "--report-json", "r.json"], cwd=workdir, env=_env(workdir),
+                                stdout=subprocess.PIPE, stderr=err_file, text=True)
+        try:
+            # wait until it is processing: a rate line with events done (at most 15 s)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and proc.poll() is None:
+                if re.search(r"^[1-9]\d* events processed", stderr_path.read_text(), re.M):
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, stderr_path.read_text()
+            proc.send_signal(signal.SIGINT)
+            stdout, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = stderr_path.read_text()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "interrupted; finishing the" in err, err
+    assert re.search(r"recorun: stopped \(interrupted\): \d+ events not read "
+                     r"\(event indices \d+ to 99999\)", err), err
+    assert "TrigReport" in stdout
+    report = json.loads((workdir / "r.json").read_text())
+    ev = report["events"]
+    assert 0 < ev["read"] < 100000
+    assert ev["read"] == ev["accepted"] + ev["rejected"] + ev["failed"]
+    assert ev["failed"] == 0
+    assert report["exit_code"] == 130 and report["stop_reason"] == "interrupted"
+    assert report["not_processed"] == (f"{100000 - ev['read']} events not read "
+                                       f"(event indices {ev['read']} to 99999)")
+    assert report["modules"]["towers"]["runs"] == ev["read"]
+    # the stopped job's output keeps its temporary name
+    assert not (workdir / "out/slow.npz").exists()
+    assert (workdir / "out/slow.npz.partial").exists()
