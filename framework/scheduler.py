@@ -172,7 +172,6 @@ class Scheduler:
         self.source_queue = SerialQueue(self.executor)
         self._next_index = 0
         self._active_streams = self.streams
-        self._source_error: InputError | None = None
         self.workers: dict[str, Worker] = {}
         self._make_workers()
         self.paths = [Sequence(n, [self.workers[x] for x in labels], False, self.streams)
