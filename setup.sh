@@ -13,6 +13,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
     # torch is pinned to the CPU build; installing it first keeps pip from choosing another.
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
-    .venv/bin/python -m pip install --quiet --no-build-isolation -e .
+    .venv/bin/python -m pip install --quiet --no-build-isolation -e ".[test]"
     touch "$stamp"
 fi

@@ -74,16 +74,44 @@ def per_event_numpy(array: ak.Array, shape=()) -> tuple[np.ndarray, np.ndarray] 
     values and the offsets, so that entry i is ``values[offsets[i]:offsets[i+1]]`` reshaped to
     ``(-1, *shape)`` without copying. None for other layouts."""
     layout = array.layout
-    if not layout.is_list or not isinstance(layout.content, ak.contents.NumpyArray):
-        return None
-    if layout.content.data.ndim > 1 and shape:
+    if not layout.is_list:
         return None
     layout = layout.to_ListOffsetArray64(True)
     offsets = np.asarray(layout.offsets)
-    values = np.asarray(layout.content.data)
-    if values.ndim > 1:                  # var * K * number held as one NumPy block
-        return values, offsets
+    content, inner = layout.content, []
+    while isinstance(content, ak.contents.RegularArray):    # var * K * ... (RNTuple, awkward)
+        inner.append(content.size)
+        content = content.content
+    if not isinstance(content, ak.contents.NumpyArray):
+        return None
+    values = np.asarray(content.data)
+    if inner or values.ndim > 1:          # fixed inner dimensions already in the layout
+        if shape:
+            return None
+        inner_shape_ = (*inner, *values.shape[1:])
+        return values.reshape(-1)[:offsets[-1] * math.prod(inner_shape_)].reshape(
+            -1, *inner_shape_), offsets
     if shape:
         size = math.prod(shape)
         return values.reshape(-1, *shape), offsets // size
     return values, offsets
+
+
+def per_event_records(array: ak.Array) -> tuple[np.ndarray, np.ndarray] | None:
+    """For a ``var * {field: number, ...}`` array, one structured NumPy array of all entries
+    and the offsets (entry i is ``values[offsets[i]:offsets[i+1]]``). None for other layouts."""
+    layout = array.layout
+    if not layout.is_list or not isinstance(layout.content, ak.contents.RecordArray):
+        return None
+    layout = layout.to_ListOffsetArray64(True)
+    record = layout.content
+    fields = []
+    for name in record.fields:
+        content = record.content(name)
+        if not isinstance(content, ak.contents.NumpyArray) or content.data.ndim != 1:
+            return None
+        fields.append((name, np.asarray(content.data)[:record.length]))
+    values = np.empty(record.length, dtype=[(name, data.dtype) for name, data in fields])
+    for name, data in fields:
+        values[name] = data
+    return values, np.asarray(layout.offsets)

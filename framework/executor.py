@@ -106,3 +106,59 @@ class SerialQueue:
                     nxt = None
             if nxt is not None:
                 self._executor.soon(self._run, *nxt)
+
+
+class OrderedQueue:
+    """Runs tasks one at a time in the order of an integer key (the event index).
+
+    Every key from 0 up must arrive, either with a task (:meth:`push`) or without one
+    (:meth:`release`, idempotent); a task waits until every smaller key has been handled. Used
+    for output modules, so that they write events in event order whatever the thread count.
+    """
+
+    def __init__(self, executor: Executor):
+        self._executor = executor
+        self._lock = threading.Lock()
+        self._pending: dict[int, tuple | None] = {}
+        self._next = 0
+        self._busy = False
+
+    def push(self, key: int, fn, *args) -> None:
+        with self._lock:
+            self._pending[key] = (fn, args)
+            task = self._take()
+        if task is not None:
+            self._executor.soon(self._run, task)
+
+    def release(self, key: int) -> None:
+        """Key ``key`` has no task (or already had it): let the keys after it go."""
+        with self._lock:
+            if key < self._next or key in self._pending:
+                return
+            self._pending[key] = None
+            task = self._take()
+        if task is not None:
+            self._executor.soon(self._run, task)
+
+    def _take(self):
+        """With the lock held: skip released keys, claim the next task if it is ready."""
+        if self._busy:
+            return None
+        while self._next in self._pending:
+            task = self._pending.pop(self._next)
+            self._next += 1
+            if task is not None:
+                self._busy = True
+                return task
+        return None
+
+    def _run(self, task) -> None:
+        fn, args = task
+        try:
+            fn(*args)
+        finally:
+            with self._lock:
+                self._busy = False
+                nxt = self._take()
+            if nxt is not None:
+                self._executor.soon(self._run, nxt)

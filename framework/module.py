@@ -107,7 +107,9 @@ class Analyzer(Module):
 
 
 class OutputModule(Module):
-    """Writes selected events. Serial by default: one call at a time, in arrival order.
+    """Writes selected events, one call at a time. With ``ordered = True`` (the default) the
+    calls come in event order (``event.index``), whatever the number of threads and streams;
+    an event waits for the events before it to be written or passed over.
 
     Before ``end_job`` the framework sets ``job_complete``: True when every event of the source
     was processed (events failed under ``on_error: skip_event`` included), False when the job
@@ -116,6 +118,7 @@ class OutputModule(Module):
 
     kind = "output"
     concurrency = Concurrency.SERIAL
+    ordered: ClassVar[bool] = True
     job_complete = False
 
     def write(self, event) -> None:

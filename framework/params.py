@@ -13,6 +13,7 @@ names, missing required values and wrong types are configuration errors naming t
 from __future__ import annotations
 
 import copy
+import types
 import typing
 from typing import Any
 
@@ -31,6 +32,8 @@ class ParamError(ValueError):
 
 def _type_name(t) -> str:
     origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
     if origin is not None:
         args = ", ".join(_type_name(a) for a in typing.get_args(t))
         return f"{origin.__name__}[{args}]"
@@ -44,6 +47,14 @@ def _at(where: str) -> str:
 def _check(value: Any, t, where: str = "") -> Any:
     """Return ``value`` converted to ``t`` (int -> float only), or raise TypeError."""
     origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(t):
+            try:
+                return _check(value, option, where)
+            except TypeError:
+                pass
+        raise TypeError(f"{_at(where)}expected {_type_name(t)}, got {type(value).__name__} "
+                        f"{value!r}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{_at(where)}expected a list, got {type(value).__name__} {value!r}")

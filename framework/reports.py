@@ -63,6 +63,7 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "stop_reason": status.stop_reason,
         "not_processed": not_processed,
         "exit_code": exit_code,
+        "source": scheduler.built.source.summary(),
         "paths": paths,
         "endpaths": endpaths,
         "modules": {label: _module_entry(w, visited[label])

@@ -49,7 +49,7 @@ import networkx as nx
 from .build import BuiltWorkflow
 from .errors import InputError, ModuleError
 from .event import Event, ModuleEvent, TriggerResults
-from .executor import Executor, SerialQueue
+from .executor import Executor, OrderedQueue, SerialQueue
 from .graph import TRIGGER_RESULTS
 from .module import Concurrency, ExternalWorkProducer, WaitingTaskHolder
 from .stats import ModuleStats, PathStats
@@ -174,6 +174,7 @@ class Scheduler:
         self._active_streams = self.streams
         self.workers: dict[str, Worker] = {}
         self._make_workers()
+        self.ordered = [w for w in self.workers.values() if isinstance(w.queue, OrderedQueue)]
         self.paths = [Sequence(n, [self.workers[x] for x in labels], False, self.streams)
                       for n, labels in cfg.paths.items()]
         self.endpaths = [Sequence(n, [self.workers[x] for x in labels], True, self.streams)
@@ -192,7 +193,12 @@ class Scheduler:
                     copy.services = node.module.services
             else:
                 copies = [node.module]
-            queue = SerialQueue(self.executor) if concurrency is Concurrency.SERIAL else None
+            if node.kind == "output" and getattr(node.module, "ordered", False):
+                queue = OrderedQueue(self.executor)
+            elif concurrency is Concurrency.SERIAL:
+                queue = SerialQueue(self.executor)
+            else:
+                queue = None
             worker = Worker(index, node, copies, self.streams, queue)
             worker.select_events = tuple(self.built.config.modules[label].select_events)
             self.workers[label] = worker
@@ -285,6 +291,8 @@ class Scheduler:
                 self._after_paths(run)
 
     def _finish_event(self, run: EventRun) -> None:
+        for worker in self.ordered:          # outputs that did not write this event
+            worker.queue.release(run.event.index)
         status = self.status
         with self.lock:
             if run.error is not None:
@@ -403,8 +411,12 @@ class Scheduler:
     def _execute(self, run, worker, state):
         if run.error is not None:
             return FAILED
-        if worker.queue is not None:
-            worker.queue.push(self._run_queued, run, worker, state)
+        queue = worker.queue
+        if queue is not None:
+            if isinstance(queue, OrderedQueue):
+                queue.push(run.event.index, self._run_queued, run, worker, state)
+            else:
+                queue.push(self._run_queued, run, worker, state)
             return PENDING
         if worker.external:
             return self._acquire(run, worker, state)

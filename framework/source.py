@@ -38,6 +38,10 @@ class Source(Configurable):
     def close(self) -> None:
         """Called once after the last event."""
 
+    def summary(self) -> dict:
+        """What the job report says about the source (files read, files skipped...)."""
+        return {"type": type(self).__name__}
+
 
 class EmptySource(Source):
     """``count`` numbered events with no products (for tests and generators)."""

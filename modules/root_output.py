@@ -1,0 +1,146 @@
+"""``RootOutput``: writes products of selected events to a ROOT file with uproot.
+
+One entry per written event, in event order (the framework calls ordered outputs in event
+order), so the file is the same for any number of threads. Each product becomes a branch
+named after its tag (``label_instance``, or as ``rename`` says) and is laid out by what it holds:
+
+==================================  ===================================================
+product per event                   TTree branch(es)
+==================================  ===================================================
+a number                            a number (``float``, ``int64_t``...)
+1-D NumPy array                     a jagged branch with counter ``n<name>``
+(n, K, ...) NumPy array             flat jagged ``n*K*...`` values; the shape is kept in
+                                    the file (see :mod:`data.layout`) and restored on
+                                    reading
+structured NumPy array (records)    NanoAOD-style: ``<name>_<field>`` branches sharing the
+                                    counter ``n<name>``
+==================================  ===================================================
+
+``event_id`` columns ``run``, ``luminosityBlock`` and ``event`` are always written. RNTuple
+(``format: rntuple``) stores every layout natively. The file is written as ``<file>.partial``
+and renamed to ``file`` only when the job processed every event; a job that stopped early
+leaves the ``.partial`` file and says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import uproot
+
+from data.layout import flatten_inner, write_shapes
+from framework import InputTagList, OutputModule, Param
+
+log = logging.getLogger(__name__)
+
+COMPRESSION = {"zstd": uproot.ZSTD, "zlib": uproot.ZLIB, "lzma": uproot.LZMA, "lz4": uproot.LZ4}
+
+
+def parse_compression(text: str):
+    """``"zstd:1"``, ``"lz4:4"``, ``"zlib:1"``, ``"lzma:2"`` or ``"none"``."""
+    if text == "none":
+        return None
+    algorithm, _, level = text.partition(":")
+    if algorithm not in COMPRESSION or not level.isdigit():
+        raise ValueError(f"compression '{text}': expected one of "
+                         f"{', '.join(f'{a}:LEVEL' for a in COMPRESSION)} or 'none'")
+    return COMPRESSION[algorithm](int(level))
+
+
+def _column(values: list, name: str):
+    """The per-event values of one product as one awkward/NumPy array for uproot."""
+    first = values[0]
+    if isinstance(first, np.ndarray) and first.ndim >= 1:
+        counts = np.fromiter((len(v) for v in values), np.int64, len(values))
+        content = np.concatenate(values)
+        if first.dtype.names:                       # records: NanoAOD-style collection
+            return ak.zip({f: ak.unflatten(ak.from_numpy(np.ascontiguousarray(content[f])),
+                                           counts) for f in first.dtype.names})
+        return ak.unflatten(ak.from_numpy(content), counts)
+    if isinstance(first, (ak.Array, ak.Record)):
+        return ak.Array([v.to_list() if hasattr(v, "to_list") else v for v in values])
+    array = np.asarray(values)
+    if array.dtype == object:
+        raise TypeError(f"product for branch '{name}' holds {type(first).__name__}, which "
+                        f"cannot be written to ROOT")
+    return array
+
+
+class RootOutput(OutputModule):
+    """Writes products of the selected events to a ROOT file (TTree or RNTuple)."""
+
+    products = InputTagList(doc="products to write")
+    file = Param(str, doc="output ROOT file")
+    tree = Param(str, "Events", doc="tree name")
+    rename = Param(dict[str, str], {}, doc="branch names for some products: {tag: name}")
+    format = Param(str, "ttree", doc="ttree or rntuple", choices=("ttree", "rntuple"))
+    compression = Param(str, "zstd:1", doc="zstd:N, lz4:N, zlib:N, lzma:N or none")
+    flush_events = Param(int, 1000, doc="events buffered before they are written")
+
+    def begin_job(self):
+        self._compression = parse_compression(self.compression)
+        unknown = set(self.rename) - set(self.products)
+        if unknown:
+            raise ValueError(f"rename names products that are not written: {sorted(unknown)}")
+        self._names = [self.rename.get(tag, tag.replace(":", "_")) for tag in self.products]
+        self._path = Path(self.file)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = self._path.with_name(self._path.name + ".partial")
+        self._file = uproot.recreate(self._partial, compression=self._compression)
+        self._tree = None
+        self._shapes: dict[str, tuple] = {}
+        self._ids: list[tuple] = []
+        self._rows: list[list] = [[] for _ in self.products]
+        self.written = 0
+
+    def write(self, event):
+        self._ids.append(tuple(event.id))
+        for rows, tag in zip(self._rows, self.products):
+            rows.append(event.get(tag))
+        if len(self._ids) >= self.flush_events:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._ids:
+            return
+        ids = np.array(self._ids, dtype=np.int64)
+        chunk = {"run": ids[:, 0].astype(np.int32), "luminosityBlock": ids[:, 1].astype(np.int32),
+                 "event": ids[:, 2]}
+        for name, rows in zip(self._names, self._rows):
+            column = _column(rows, name)
+            if self.format == "ttree" and isinstance(column, ak.Array):
+                column, shape = flatten_inner(column)
+                if shape:
+                    self._shapes[name] = shape
+            chunk[name] = column
+        if self._tree is None:
+            types = {name: (c.type.content if isinstance(c, ak.Array) else c.dtype)
+                     for name, c in chunk.items()}
+            make = self._file.mktree if self.format == "ttree" else self._file.mkrntuple
+            self._tree = make(self.tree, types)
+        try:
+            self._tree.extend(chunk)
+        except (ValueError, TypeError) as exc:
+            raise TypeError(f"events {self._ids[0]} to {self._ids[-1]} do not fit the branch "
+                            f"types set by the first events: {exc}") from exc
+        self.written += len(self._ids)
+        self._ids = []
+        self._rows = [[] for _ in self.products]
+
+    def end_job(self):
+        try:
+            self._flush()
+            write_shapes(self._file, self._shapes)
+        finally:
+            self._file.close()
+        if self._tree is None:
+            log.warning("%s: no event was selected; %s has no tree", self.label, self._path)
+        if self.job_complete:
+            os.replace(self._partial, self._path)
+            log.info("%s: wrote %d events to %s", self.label, self.written, self._path)
+        else:
+            log.warning("%s: the job stopped early; %d events were written to %s, which is not "
+                        "complete", self.label, self.written, self._partial)
