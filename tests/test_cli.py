@@ -350,7 +350,7 @@ INTERRUPT_WORKFLOW = {
                    "latency_s": 0.05},
         "jets": {"type": "TowerJetProducer", "towers": "towers"},
         "htFilter": {"type": "HTFilter", "jets": "jets", "min_ht": 300.0},
-        "output": {"type": "NpzOutput", "products": ["jets"], "file": "out/slow.npz",
+        "output": {"type": "RootOutput", "products": ["jets"], "file": "out/slow.root",
                    "select_events": ["HLT_HT300"]},
     },
     "paths": {"HLT_HT300": ["htFilter"]},
@@ -396,5 +396,5 @@ def test_sigint_stops_the_job_exits_130_and_still_reports(workdir):
                                        f"(event indices {ev['read']} to 99999)")
     assert report["modules"]["towers"]["runs"] == ev["read"]
     # the stopped job's output keeps its temporary name
-    assert not (workdir / "out/slow.npz").exists()
-    assert (workdir / "out/slow.npz.partial").exists()
+    assert not (workdir / "out/slow.root").exists()
+    assert (workdir / "out/slow.root.partial").exists()

@@ -3,7 +3,7 @@ which YAML file, which module label and which parameter is wrong, with a suggest
 name was mistyped.
 
 Every workflow here is a small but complete HLT-like workflow (toy calorimeter hits -> towers
--> jets / missing ET -> filters -> an NpzOutput end path) with one mistake in it. The CLI runs
+-> jets / missing ET -> filters -> a RootOutput end path) with one mistake in it. The CLI runs
 as a subprocess in ``tmp_path``; each test also checks that no event was processed: nothing on
 stdout, no run summary on stderr and no output file.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-OUTPUT_FILE = "out/accepted.npz"
+OUTPUT_FILE = "out/accepted.root"
 
 BASE = {
     "process": {"name": "TEST"},
@@ -31,7 +31,7 @@ BASE = {
         "met": {"type": "MissingEtProducer", "towers": "rawTowers"},
         "htFilter": {"type": "HTFilter", "jets": "jets", "min_ht": 300.0},
         "metFilter": {"type": "MinimumFilter", "value": "met", "minimum": 60.0},
-        "output": {"type": "NpzOutput", "select_events": ["HLT_HT", "HLT_MET"],
+        "output": {"type": "RootOutput", "select_events": ["HLT_HT", "HLT_MET"],
                    "products": ["jets", "met"], "file": OUTPUT_FILE},
     },
     "paths": {"HLT_HT": ["htFilter"], "HLT_MET": ["metFilter"]},
