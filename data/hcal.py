@@ -140,10 +140,10 @@ PU_HITS_PER_BX = 0.25        # mean number of pileup hits per channel and bunch 
 PU_HIT_MEAN_GEV = 0.6        # each exponential with this mean
 OOT_BX = tuple(b for b in range(-8, 5) if b != 0)
 JETS_MEAN = 2.0              # jets per event: 1 + Poisson(2)
-JET_EMIN, JET_EMAX, JET_INDEX = 20.0, 1000.0, 2.0        # hadronic energy, pdf ~ E^-2
-JET_LATERAL = 0.07           # exp(-dR / 0.07) over towers with dR < 0.4
-HADRONS_MEAN = 15.0          # isolated hadrons per event: Poisson(15)
-HADRON_EMIN, HADRON_EMAX, HADRON_INDEX = 2.0, 300.0, 2.5
+JET_EMIN, JET_EMAX, JET_INDEX = 30.0, 1000.0, 2.0        # hadronic energy, pdf ~ E^-2
+JET_LATERAL = 0.05           # exp(-dR / 0.05) over towers with dR < 0.4
+HADRONS_MEAN = 25.0          # isolated hadrons per event: Poisson(25)
+HADRON_EMIN, HADRON_EMAX, HADRON_INDEX = 2.0, 500.0, 1.8
 HADRON_LATERAL = 0.03        # exp(-dR / 0.03) over towers with dR < 0.15
 SHOWER_SHAPE = 4.0           # channel shares fluctuate by Gamma(4, 1/4) (mean 1, 50 %)
 DEPOSIT_ETA_MAX = 3.0

@@ -1,6 +1,10 @@
-"""Calorimeter towers, jets and missing transverse energy from calorimeter hits.
+"""Calorimeter towers, jets and missing transverse energy.
 
-* :class:`CaloTowerProducer`: sums hit transverse energies into an (ieta, iphi) tower grid.
+Towers are a structured array with fields ``ieta``, ``iphi``, ``eta``, ``phi``, ``et`` (GeV),
+one entry per tower above threshold, whatever the geometry; jets and missing ET work on them.
+
+* :class:`CaloTowerProducer`: sums the energy of hits (rechits) sharing (ieta, iphi), over
+  depths, into towers.
 * :class:`TowerJetProducer`: an iterative seeded-cone jet algorithm on the towers.
 * :class:`MissingEtProducer`: the magnitude of the negative vector sum of tower ET.
 """
@@ -10,28 +14,38 @@ import numpy as np
 
 from framework import Concurrency, InputTag, Param, Producer
 
-from .toy_calo import N_IETA, N_IPHI, cell_centers
+from .calo_geometry import GEOMETRIES
 
+TOWER_DTYPE = np.dtype([("ieta", "i2"), ("iphi", "i2"), ("eta", "f4"), ("phi", "f4"),
+                        ("et", "f4")])
 JET_DTYPE = np.dtype([("pt", "f4"), ("eta", "f4"), ("phi", "f4"), ("n_towers", "i4")])
 
-_ETA, _PHI = cell_centers()
-_COSH_ETA = np.cosh(_ETA)
+
+def wrap_phi(phi):
+    return np.mod(phi + np.pi, 2 * np.pi) - np.pi
 
 
 class CaloTowerProducer(Producer):
-    """Tower ET grid (GeV), shape (56, 72); towers under ``threshold`` are zeroed."""
+    """Towers from hits with fields ieta, iphi, energy (GeV); towers under ``threshold`` ET
+    are dropped."""
 
     concurrency = Concurrency.SHARED
-    hits = InputTag("hits", doc="calorimeter hits with fields ieta, iphi, energy")
+    hits = InputTag("hits", doc="hits or rechits with fields ieta, iphi, energy")
+    geometry = Param(str, "toy", doc="cell geometry", choices=tuple(GEOMETRIES))
     threshold = Param(float, 0.5, doc="zero-suppression threshold on tower ET, GeV")
 
     def produce(self, event):
         hits = event.get(self.hits)
-        cell = hits["ieta"].astype(np.intp) * N_IPHI + hits["iphi"]
-        energy = np.bincount(cell, weights=hits["energy"], minlength=N_IETA * N_IPHI)
-        et = (energy.reshape(N_IETA, N_IPHI) / _COSH_ETA).astype(np.float32)
-        et[et < self.threshold] = 0.0
-        event.put(et)
+        cells, inverse = np.unique(np.stack([hits["ieta"], hits["iphi"]], axis=1), axis=0,
+                                   return_inverse=True)
+        energy = np.bincount(inverse.ravel(), weights=hits["energy"], minlength=len(cells))
+        eta, phi = GEOMETRIES[self.geometry](cells[:, 0], cells[:, 1])
+        et = energy / np.cosh(eta)
+        keep = et >= self.threshold
+        towers = np.empty(int(keep.sum()), TOWER_DTYPE)
+        towers["ieta"], towers["iphi"] = cells[keep, 0], cells[keep, 1]
+        towers["eta"], towers["phi"], towers["et"] = eta[keep], phi[keep], et[keep]
+        event.put(towers)
 
 
 class TowerJetProducer(Producer):
@@ -39,14 +53,16 @@ class TowerJetProducer(Producer):
     ``radius``; its towers form a jet (ET-weighted axis) and are removed; repeat."""
 
     concurrency = Concurrency.SHARED
-    towers = InputTag("towers", doc="tower ET grid")
+    towers = InputTag("towers", doc="towers with fields eta, phi, et")
     radius = Param(float, 0.4, doc="cone radius in (eta, phi)")
     seed_et = Param(float, 3.0, doc="minimum ET of a seed tower, GeV")
     min_pt = Param(float, 15.0, doc="minimum jet pT, GeV")
 
     def produce(self, event):
-        et = np.asarray(event.get(self.towers), dtype=np.float64).ravel()
-        eta, phi = _ETA.ravel(), _PHI.ravel()
+        towers = event.get(self.towers)
+        et = towers["et"].astype(np.float64)
+        eta = towers["eta"].astype(np.float64)
+        phi = towers["phi"].astype(np.float64)
         free = et > 0
         jets = []
         for seed in np.argsort(et)[::-1]:
@@ -54,16 +70,15 @@ class TowerJetProducer(Producer):
                 break
             if not free[seed]:
                 continue
-            dphi = np.mod(phi - phi[seed] + np.pi, 2 * np.pi) - np.pi
+            dphi = wrap_phi(phi - phi[seed])
             members = free & ((eta - eta[seed]) ** 2 + dphi ** 2 < self.radius ** 2)
             free &= ~members
             w = et[members]
             pt = w.sum()
             if pt < self.min_pt:
                 continue
-            jet_phi = phi[seed] + np.dot(w, dphi[members]) / pt
             jets.append((pt, np.dot(w, eta[members]) / pt,
-                         np.mod(jet_phi + np.pi, 2 * np.pi) - np.pi, members.sum()))
+                         wrap_phi(phi[seed] + np.dot(w, dphi[members]) / pt), members.sum()))
         event.put(np.array(jets, dtype=JET_DTYPE))
 
 
@@ -71,10 +86,10 @@ class MissingEtProducer(Producer):
     """Missing transverse energy (GeV) as a float: |sum over towers of -ET (cos phi, sin phi)|."""
 
     concurrency = Concurrency.SHARED
-    towers = InputTag("towers", doc="tower ET grid")
+    towers = InputTag("towers", doc="towers with fields phi, et")
 
     def produce(self, event):
-        et = np.asarray(event.get(self.towers), dtype=np.float64)
-        mex = -np.sum(et * np.cos(_PHI))
-        mey = -np.sum(et * np.sin(_PHI))
-        event.put(float(np.hypot(mex, mey)))
+        towers = event.get(self.towers)
+        et = towers["et"].astype(np.float64)
+        phi = towers["phi"].astype(np.float64)
+        event.put(float(np.hypot(np.dot(et, np.cos(phi)), np.dot(et, np.sin(phi)))))

@@ -13,18 +13,20 @@ import numpy as np
 from framework import Concurrency, ExternalWorkProducer, InputTag, Param
 
 
-def calibrate(et: np.ndarray, scale: float, offset: float) -> np.ndarray:
+def calibrate(towers: np.ndarray, scale: float, offset: float) -> np.ndarray:
     """Response correction of a non-compensating calorimeter: low-ET towers are scaled up
-    more, ``ET' = ET * (1 + scale / sqrt(ET + offset))``; empty towers stay empty."""
-    corrected = et * (1.0 + scale / np.sqrt(et + offset))
-    return corrected.astype(np.float32)
+    more, ``ET' = ET * (1 + scale / sqrt(ET + offset))``. Returns calibrated copies."""
+    calibrated = towers.copy()
+    et = towers["et"].astype(np.float64)
+    calibrated["et"] = et * (1.0 + scale / np.sqrt(et + offset))
+    return calibrated
 
 
 class ThreadPoolEnergyCalibrator(ExternalWorkProducer):
-    """Calibrated tower ET grid, computed on ``workers`` threads of the module's own pool."""
+    """Calibrated towers, computed on ``workers`` threads of the module's own pool."""
 
     concurrency = Concurrency.SHARED
-    towers = InputTag("towers", doc="tower ET grid")
+    towers = InputTag("towers", doc="towers with an 'et' field")
     scale = Param(float, 0.5, doc="size of the low-ET response correction")
     offset = Param(float, 1.0, doc="softening of the correction near zero ET, GeV")
     workers = Param(int, 1, doc="threads of the external pool")

@@ -23,13 +23,6 @@ CELL_PHI = 2 * np.pi / N_IPHI
 HIT_DTYPE = np.dtype([("ieta", "i2"), ("iphi", "i2"), ("energy", "f4")])
 
 
-def cell_centers() -> tuple[np.ndarray, np.ndarray]:
-    """(eta, phi) of every cell, each an (N_IETA, N_IPHI) array."""
-    eta = -ETA_MAX + CELL_ETA * (np.arange(N_IETA) + 0.5)
-    phi = -np.pi + CELL_PHI * (np.arange(N_IPHI) + 0.5)
-    return np.meshgrid(eta, phi, indexing="ij")
-
-
 class ToyCaloHitProducer(Producer):
     """Generates calorimeter hits (``ieta``, ``iphi``, ``energy`` in GeV) and the true jets."""
 

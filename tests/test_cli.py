@@ -75,7 +75,7 @@ class SlowExternalCalibrator(ExternalWorkProducer):
     latency: holder.done() comes from a threading.Timer ``latency_s`` later."""
 
     concurrency = Concurrency.SHARED
-    towers = InputTag("towers", doc="tower ET grid")
+    towers = InputTag("towers", doc="towers with an 'et' field")
     latency_s = Param(float, 0.05, doc="injected latency of the external call, s")
 
     def begin_job(self):
