@@ -60,7 +60,8 @@ NOISE_GEV = (0.004, 0.002, 0.004, 0.003)     # per pixel and layer
 WINDOW_ETA = slice(IMAGE_SHAPE[1] // 2 - 12, IMAGE_SHAPE[1] // 2 + 12)
 WINDOW_PHI = slice(IMAGE_SHAPE[2] // 2 - 3, IMAGE_SHAPE[2] // 2 + 4)
 
-_T_GRID = np.linspace(0.0, 80.0, 16001)
+_T_STEP = 0.01
+_T_GRID = _T_STEP * np.arange(6001)              # 0..60 X0
 
 
 def profile_shares(energy) -> np.ndarray:
@@ -68,19 +69,22 @@ def profile_shares(energy) -> np.ndarray:
     energy = np.atleast_1d(np.asarray(energy, dtype=np.float64))
     tmax = np.maximum(np.log(energy / CRITICAL_ENERGY_GEV) - 0.5, 0.5)
     a = 1.0 + PROFILE_B * tmax
-    x = PROFILE_B * _T_GRID[None, :]
-    # un-normalised density, normalised numerically (the grid reaches far past any shower)
-    with np.errstate(divide="ignore"):
-        dens = np.exp((a[:, None] - 1.0) * np.log(np.maximum(x, 1e-300)) - x)
-    dens[:, 0] = 0.0
-    cdf = np.concatenate([np.zeros((len(a), 1)),
-                          np.cumsum(0.5 * (dens[:, 1:] + dens[:, :-1]), axis=1)], axis=1)
-    cdf /= cdf[:, -1:]
-    idx = np.searchsorted(_T_GRID, LAYER_X0)
-    at = cdf[:, idx]                                 # (n, 5) CDF at the boundaries
+    x = PROFILE_B * _T_GRID[None, 1:]
+    logx = np.log(x)
+    idx = np.rint(np.asarray(LAYER_X0) / _T_STEP).astype(np.int64)
     shares = np.empty((len(a), 5))
-    shares[:, :4] = np.diff(at, axis=1)
-    shares[:, 4] = 1.0 - at[:, -1]
+    for start in range(0, len(a), 256):             # bounded memory: 256 x 6000 at a time
+        ac = a[start:start + 256, None]
+        # the density on the grid (0 at t = 0), integrated by trapezoids and normalised
+        # numerically (the grid reaches far past any shower)
+        dens = np.exp((ac - 1.0) * logx - x)
+        cdf = np.zeros((len(ac), len(_T_GRID)))
+        cdf[:, 1] = 0.5 * dens[:, 0]
+        cdf[:, 2:] = cdf[:, 1:2] + np.cumsum(0.5 * (dens[:, 1:] + dens[:, :-1]), axis=1)
+        cdf /= cdf[:, -1:]
+        at = cdf[:, idx]                             # CDF at the layer boundaries
+        shares[start:start + 256, :4] = np.diff(at, axis=1)
+        shares[start:start + 256, 4] = 1.0 - at[:, -1]
     return shares
 
 

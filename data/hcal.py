@@ -147,6 +147,7 @@ HADRON_EMIN, HADRON_EMAX, HADRON_INDEX = 2.0, 500.0, 1.8
 HADRON_LATERAL = 0.03        # exp(-dR / 0.03) over towers with dR < 0.15
 SHOWER_SHAPE = 4.0           # channel shares fluctuate by Gamma(4, 1/4) (mean 1, 50 %)
 DEPOSIT_ETA_MAX = 3.0
+ADC_LSB_FC = 0.25            # digitization step of the charges (well below the noise)
 PE_PER_GEV = 40.0            # photostatistics: Poisson(40 E) photoelectrons
 ZS_THRESHOLD_GEV = 0.5       # channels above this are read out first
 
@@ -215,6 +216,7 @@ def generate_event(rng: np.random.Generator, channels: int = 16000) -> dict[str,
     shape = np.where(j >= 0, PULSE_FRACTIONS[np.clip(j, 0, N_SAMPLES - 1)], 0.0)
     charge = (seen / gain[:, None]) @ shape
     charge += pedestal[:, None] + noise[:, None] * rng.standard_normal((n, N_SAMPLES))
+    charge = np.round(charge / ADC_LSB_FC) * ADC_LSB_FC          # digitization
 
     out = {"ieta": GEOMETRY["ieta"][chosen], "iphi": GEOMETRY["iphi"][chosen],
            "depth": GEOMETRY["depth"][chosen], "subdet": GEOMETRY["subdet"][chosen],

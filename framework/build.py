@@ -53,9 +53,9 @@ def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
                 for label, spec in config.services.items()}
     modules = {label: _instantiate(config, spec, "module", Module)
                for label, spec in config.modules.items()}
+    # the source checks its own products first: a missing branch is an input data error
+    source.select_products({tag for m in modules.values() for tag in m.consumed_tags()})
     graph = ModuleGraph(config, modules, source.product_tags())
-    consumed = {tag for node in graph.nodes.values() for tag in node.consumes}
-    source.select_products(consumed)
     for module in modules.values():
         module.services = services
     return BuiltWorkflow(config, source, services, graph)

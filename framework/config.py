@@ -231,7 +231,23 @@ def parse_workflow(raw: dict, file: str) -> WorkflowConfig:
     return WorkflowConfig(file, process, source, services, modules, paths, endpaths)
 
 
+WORKFLOW_DIR = "${WORKFLOW_DIR}"
+
+
+def expand_workflow_dir(value: Any, directory: str) -> Any:
+    """``${WORKFLOW_DIR}`` in any string stands for the folder of the workflow file, so that a
+    workflow can name files shipped beside it whatever the working directory."""
+    if isinstance(value, str):
+        return value.replace(WORKFLOW_DIR, directory)
+    if isinstance(value, list):
+        return [expand_workflow_dir(v, directory) for v in value]
+    if isinstance(value, dict):
+        return {k: expand_workflow_dir(v, directory) for k, v in value.items()}
+    return value
+
+
 def load_workflow(path: str | Path, overrides: list[str] = ()) -> WorkflowConfig:
     raw = load_yaml(path)
     apply_overrides(raw, list(overrides), str(path))
+    raw = expand_workflow_dir(raw, str(Path(path).resolve().parent))
     return parse_workflow(raw, str(path))

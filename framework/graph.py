@@ -87,7 +87,10 @@ class ModuleGraph:
                                         f"read from", node.label, param)
                     if producer not in node.deps:
                         node.deps.append(producer)
-                self.graph.add_edge(producer, node.label, tag=tag)
+                if self.graph.has_edge(producer, node.label):
+                    self.graph.edges[producer, node.label]["tags"].append(tag)
+                else:
+                    self.graph.add_edge(producer, node.label, tags=[tag])
             if node.kind == "output" and node.label not in self.end_path_labels:
                 raise cfg.error("output modules run on end paths; add it to one", node.label)
             if node.label in self.end_path_labels and node.label in self.path_labels:
@@ -132,7 +135,7 @@ class ModuleGraph:
             lines.append(f'  "{node.label}" [shape={shapes.get(node.kind, "box")}, '
                          f'label="{node.label}\\n{type(node.module).__name__}"{extra}];')
         for a, b, data in self.graph.edges(data=True):
-            lines.append(f'  "{a}" -> "{b}" [label="{data["tag"]}", fontsize=9];')
+            lines.append(f'  "{a}" -> "{b}" [label="{", ".join(data["tags"])}", fontsize=9];')
         for kind, sequences in (("path", self.config.paths), ("endpath", self.config.endpaths)):
             for name, labels in sequences.items():
                 for a, b in zip(labels, labels[1:]):

@@ -36,14 +36,15 @@ class CaloTowerProducer(Producer):
 
     def produce(self, event):
         hits = event.get(self.hits)
-        cells, inverse = np.unique(np.stack([hits["ieta"], hits["iphi"]], axis=1), axis=0,
-                                   return_inverse=True)
-        energy = np.bincount(inverse.ravel(), weights=hits["energy"], minlength=len(cells))
-        eta, phi = GEOMETRIES[self.geometry](cells[:, 0], cells[:, 1])
+        key = (hits["ieta"].astype(np.int64) + 1024) * 1024 + hits["iphi"]    # one int per cell
+        cells, inverse = np.unique(key, return_inverse=True)
+        energy = np.bincount(inverse, weights=hits["energy"], minlength=len(cells))
+        ieta, iphi = cells // 1024 - 1024, cells % 1024
+        eta, phi = GEOMETRIES[self.geometry](ieta, iphi)
         et = energy / np.cosh(eta)
         keep = et >= self.threshold
         towers = np.empty(int(keep.sum()), TOWER_DTYPE)
-        towers["ieta"], towers["iphi"] = cells[keep, 0], cells[keep, 1]
+        towers["ieta"], towers["iphi"] = ieta[keep], iphi[keep]
         towers["eta"], towers["phi"], towers["et"] = eta[keep], phi[keep], et[keep]
         event.put(towers)
 

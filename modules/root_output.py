@@ -33,6 +33,7 @@ import uproot
 
 from data.layout import flatten_inner, write_shapes
 from framework import InputTagList, OutputModule, Param
+from framework.params import ParamError
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,18 @@ class RootOutput(OutputModule):
     compression = Param(str, "zstd:1", doc="zstd:N, lz4:N, zlib:N, lzma:N or none")
     flush_events = Param(int, 1000, doc="events buffered before they are written")
 
-    def begin_job(self):
-        self._compression = parse_compression(self.compression)
+    def __init__(self, label="", **params):
+        super().__init__(label, **params)
+        try:
+            self._compression = parse_compression(self.compression)
+        except ValueError as exc:
+            raise ParamError("compression", str(exc)) from None
         unknown = set(self.rename) - set(self.products)
         if unknown:
-            raise ValueError(f"rename names products that are not written: {sorted(unknown)}")
+            raise ParamError("rename", f"names products that are not written: "
+                                       f"{sorted(unknown)} (products: {self.products})")
+
+    def begin_job(self):
         self._names = [self.rename.get(tag, tag.replace(":", "_")) for tag in self.products]
         self._path = Path(self.file)
         self._path.parent.mkdir(parents=True, exist_ok=True)

@@ -30,9 +30,9 @@ import glob
 import logging
 import queue
 import threading
+from pathlib import Path
 
 import awkward as ak
-import numpy as np
 import uproot
 
 from data.layout import per_event_numpy, per_event_records, read_shapes
@@ -45,11 +45,31 @@ ID_BRANCHES = ("run", "luminosityBlock", "event")
 _END = object()
 
 
+def _header_problem(path: str) -> str | None:
+    """What is visibly wrong with a file's ROOT header (None if nothing is)."""
+    with open(path, "rb") as handle:
+        head = handle.read(20)
+        size = handle.seek(0, 2)
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head[:4] != b"root":
+        return "not a ROOT file (it does not start with 'root')"
+    if len(head) >= 16:
+        version = int.from_bytes(head[4:8], "big")
+        end = int.from_bytes(head[12:20] if version >= 1000000 else head[12:16], "big")
+        if size < end:
+            return f"truncated ROOT file: {size} bytes, the header says {end}"
+    return None
+
+
 def _open(path: str):
+    if not Path(path).is_file():
+        raise InputError(f"{path}: no such file")
+    problem = _header_problem(path)
+    if problem:
+        raise InputError(f"{path}: {problem}")
     try:
         return uproot.open(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
     except Exception as exc:
         raise InputError(f"{path}: cannot open as a ROOT file: {type(exc).__name__}: {exc}") \
             from None
@@ -86,9 +106,11 @@ def _collections(tree, names: list[str]) -> dict[str, list[str]]:
         return {}
     found: dict[str, list[str]] = {}
     for name in names:
-        prefix, sep, _ = name.partition("_")
         counter = getattr(tree[name], "count_branch", None)
-        if sep and counter is not None and counter.name == f"n{prefix}":
+        if counter is None or not counter.name.startswith("n"):
+            continue
+        prefix = counter.name[1:]
+        if name.startswith(prefix + "_"):
             found.setdefault(prefix, []).append(name)
     return {k: v for k, v in found.items() if k not in names}
 
@@ -148,7 +170,8 @@ class RootSource(Source):
     branches = Param(list[str], [], doc="branches to read even when no module consumes them")
     step_size = Param(int, 1000, doc="events read per chunk")
     skip = Param(int, 0, doc="entries to skip at the start (across files)")
-    first_event = Param(int, 1, doc="number of the first event when the files have no 'event'")
+    first_event = Param(int, 1, doc="number of the first entry when the files have no 'event' "
+                                    "branch (entry k is event first_event + k, skip or not)")
     run = Param(int, 1, doc="run number when the files have no 'run' branch")
     skip_bad_files = Param(bool, False, doc="skip unreadable files (listed in the report)")
     prefetch = Param(bool, True, doc="read the next chunk in a background thread")
@@ -285,22 +308,26 @@ class RootSource(Source):
                 self._bad_file(path, exc, done - start)
             except Exception as exc:
                 self._bad_file(path, InputError(
-                    f"{path}: reading entries {done} to {stop} of tree '{self.tree_name}' "
+                    f"{path}: reading entries {done} to {stop - 1} of tree '{self.tree_name}' "
                     f"failed: {type(exc).__name__}: {exc}"), done - start)
 
     def _read_all(self) -> None:
         try:
             for chunk in self._chunk_iter():
-                while not self._stop.is_set():
-                    try:
-                        self._chunks.put(chunk, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
+                self._hand_over(chunk)
         except Exception as exc:
-            self._chunks.put(exc)
+            self._hand_over(exc)
             return
-        self._chunks.put(_END)
+        self._hand_over(_END)
+
+    def _hand_over(self, item) -> None:
+        """Queue ``item`` for the framework; give up when the job is closing the source."""
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def _next_chunk(self) -> _Chunk | None:
         if self._reader is None:
@@ -328,7 +355,7 @@ class RootSource(Source):
             event_id = EventID(int(products.get("run", self.run)),
                                int(products.get("luminosityBlock", 1)), int(products["event"]))
         else:
-            event_id = EventID(self.run, 1, self.first_event + self._numbered)
+            event_id = EventID(self.run, 1, self.first_event + self.skip + self._numbered)
         self._numbered += 1
         return Event(event_id, index, {f"{self.label}:{k}": v for k, v in products.items()})
 

@@ -2,7 +2,7 @@
 exit codes (0 ok, 3 input data error, 4 module failed on an event, 130 interrupted).
 
 The CLI runs as a subprocess in ``tmp_path`` (the HLT workflow writes
-``out/workflow_hlt_accepted.npz`` relative to the working directory). Modules that inject faults
+``out/workflow_hlt_accepted.root`` relative to the working directory). Modules that inject faults
 or latency are written to ``tmp_path/cli_helpers.py`` (on PYTHONPATH) and named in YAML or with
 ``--set`` as ``cli_helpers:ClassName``.
 """
@@ -19,11 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import uproot
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflows" / "workflow_hlt.yaml"
-NPZ = Path("out/workflow_hlt_accepted.npz")
+OUTPUT = Path("out/workflow_hlt_accepted.root")
 HLT = yaml.safe_load(WORKFLOW.read_text())
 LABELS = set(HLT["modules"])
 PATHS = set(HLT["paths"])
@@ -35,22 +36,22 @@ import threading
 
 import numpy as np
 
-from framework import (Concurrency, EmptySource, ExternalWorkProducer, Filter, InputError,
-                       InputTag, Param)
+from framework import (Concurrency, ExternalWorkProducer, Filter, InputError, InputTag,
+                       Param)
 from modules.external_calibration import calibrate
+from modules.root_source import RootSource
 
 
-class FailingSource(EmptySource):
-    """Fault injection: pretends to read its events from ``file``; the event at index
-    ``fail_at`` cannot be read (InputError naming the file)."""
+class FailingSource(RootSource):
+    """Fault injection: reads its files like RootSource, but the event at index ``fail_at``
+    cannot be read (InputError naming the file)."""
 
-    file = Param(str, doc="the file it pretends to read")
     fail_at = Param(int, 4, doc="index of the unreadable event")
 
     def next_event(self, index):
         if index == self.fail_at:
-            raise InputError(f"{self.file}: cannot read event at entry {index}: "
-                             f"corrupt basket in branch 'hits'")
+            raise InputError(f"{self.paths[0]}: cannot read event at entry {index}: "
+                             f"corrupt basket in branch 'HcalDigi_q3'")
         return super().next_event(index)
 
 
@@ -199,14 +200,15 @@ def test_hlt_workflow_writes_reports_trace_and_output(workdir):
     assert "50 events read" in run.stderr
 
     # the accepted events in the output file
-    npz = workdir / NPZ
-    assert npz.exists() and not npz.with_name(npz.name + ".partial").exists()
-    with np.load(npz) as data:
-        assert data["event_id"].shape == (ev["accepted"], 3)
-        assert data["jets__counts"].shape == (ev["accepted"],)
-        assert data["jets"].shape[0] == data["jets__counts"].sum()
-        assert data["met__counts"].tolist() == [1] * ev["accepted"]
-        assert "hits_truth" in data
+    output = workdir / OUTPUT
+    assert output.exists() and not output.with_name(output.name + ".partial").exists()
+    tree = uproot.open(output)["Events"]
+    assert tree.num_entries == ev["accepted"]
+    arrays = tree.arrays(["event", "njets", "jets_pt", "met", "nelectrons", "electrons_et",
+                          "nhcalRecHits", "hcalRecHits_energy"], library="np")
+    assert np.all(np.diff(arrays["event"]) > 0)          # event order
+    assert [len(pt) for pt in arrays["jets_pt"]] == arrays["njets"].tolist()
+    assert np.all(arrays["met"] >= 0)
 
 
 # -- --check and --dump-graph ---------------------------------------------------------------------
@@ -223,10 +225,12 @@ def test_check_validates_without_running(workdir):
 
 
 # products each module of workflow_hlt.yaml reads: (producer, consumer)
-PRODUCT_EDGES = {("hits", "rawTowers"), ("rawTowers", "towers"), ("towers", "jets"),
-                 ("towers", "met"), ("jets", "htFilter"), ("met", "metFilter"),
-                 ("jets", "summary"), ("met", "summary"), ("jets", "output"), ("met", "output"),
-                 ("hits", "output")}
+PRODUCT_EDGES = {("source", "hcalRecHits"), ("hcalRecHits", "rawTowers"),
+                 ("rawTowers", "towers"), ("towers", "jets"), ("towers", "met"),
+                 ("source", "electrons"), ("electrons", "electronFilter"),
+                 ("jets", "htFilter"), ("met", "metFilter"), ("jets", "summary"),
+                 ("met", "summary"), ("jets", "output"), ("met", "output"),
+                 ("electrons", "output"), ("hcalRecHits", "output")}
 
 
 def test_dump_graph_writes_dot_with_every_module_and_product_edge(workdir):
@@ -244,7 +248,7 @@ def test_dump_graph_writes_dot_with_every_module_and_product_edge(workdir):
         if "dashed" not in attrs:                       # dashed: path order, not products
             edges.setdefault((a, b), []).append(re.search(r'label="([^"]+)"', attrs).group(1))
     assert set(edges) == PRODUCT_EDGES
-    assert edges[("hits", "output")] == ["hits:truth"]
+    assert edges[("source", "electrons")] == ["source:Electron_image, source:Electron"]
     assert edges[("towers", "jets")] == ["towers"]
     assert not (workdir / "out").exists()
 
@@ -269,22 +273,21 @@ def test_max_events_limits_the_events_read(workdir):
     report = report_of(workdir, "-n", 10)
     ev = report["events"]
     assert ev["read"] == 10 and ev["accepted"] + ev["rejected"] + ev["failed"] == 10
-    assert report["modules"]["hits"]["runs"] == 10
+    assert report["modules"]["hcalRecHits"]["runs"] == 10
     assert report["stop_reason"] is None and report["not_processed"] is None
-    with np.load(workdir / NPZ) as data:
-        assert len(data["event_id"]) == ev["accepted"]
-        assert set(data["event_id"][:, 2]) <= set(range(1, 11))
+    events = uproot.open(workdir / OUTPUT)["Events"]["event"].array(library="np")
+    assert len(events) == ev["accepted"] and set(events) <= set(range(1, 11))
 
 
 def test_set_threshold_makes_the_ht_path_accept_nothing(workdir):
     base = report_of(workdir, "-n", 30, name="base.json")
-    assert base["paths"]["HLT_HT300"]["passed"] > 0
+    assert base["paths"]["HLT_HT1200"]["passed"] > 0
     report = report_of(workdir, "-n", 30, "--set", "modules.htFilter.min_ht=100000")
-    ht = report["paths"]["HLT_HT300"]
+    ht = report["paths"]["HLT_HT1200"]
     assert (ht["visited"], ht["passed"], ht["rejected"]) == (30, 0, 30)
     assert report["modules"]["htFilter"]["passed"] == 0
     # the other paths do not change
-    for name in ("HLT_MET60", "HLT_MinBias"):
+    for name in ("HLT_MET400", "HLT_Ele150", "HLT_MinBias"):
         assert report["paths"][name]["passed"] == base["paths"][name]["passed"]
     assert report["events"]["accepted"] < base["events"]["accepted"]
 
@@ -300,14 +303,11 @@ def test_quiet_prints_no_reports(workdir):
 # -- exit codes of jobs that stop ------------------------------------------------------------------
 
 def test_input_error_exits_3_and_names_the_file(workdir):
-    run = recorun(workdir, WORKFLOW, "--report-json", "r.json",
-                  "--set", "source.type=cli_helpers:FailingSource",
-                  "--set", "source.file=store/run2021/hlt_raw_0007.root",
-                  "--set", "source.count=20")
+    run = recorun(workdir, WORKFLOW, "-n", 20, "--report-json", "r.json",
+                  "--set", "source.type=cli_helpers:FailingSource")
     assert run.returncode == 3, run.stderr
     assert "Traceback" not in run.stderr, run.stderr
-    assert re.search(r"recorun: error: .*store/run2021/hlt_raw_0007\.root.*entry 4",
-                     run.stderr), run.stderr
+    assert re.search(r"recorun: error: .*hlt_sample\.root.*entry 4", run.stderr), run.stderr
     report = json.loads((workdir / "r.json").read_text())
     ev = report["events"]
     assert ev["read"] == 4 and ev["accepted"] + ev["rejected"] + ev["failed"] == 4
@@ -315,7 +315,7 @@ def test_input_error_exits_3_and_names_the_file(workdir):
     assert report["not_processed"] == "16 events not read (event indices 4 to 19)"
     assert "16 events not read (event indices 4 to 19)" in run.stderr
     # an incomplete job leaves no file under the final name
-    assert not (workdir / NPZ).exists()
+    assert not (workdir / OUTPUT).exists()
 
 
 def test_module_error_exits_4_and_names_event_module_and_method(workdir):
@@ -326,13 +326,13 @@ def test_module_error_exits_4_and_names_event_module_and_method(workdir):
     assert "Traceback" not in run.stderr, run.stderr
     err = run.stderr
     assert "module 'htFilter' (FailingHTFilter) failed in filter() on event 1:1:7" in err, err
-    assert "path 'HLT_HT300'" in err and "ValueError: injected fault" in err, err
+    assert "path 'HLT_HT1200'" in err and "ValueError: injected fault" in err, err
     report = json.loads((workdir / "r.json").read_text())
     assert report["exit_code"] == 4 and report["stop_reason"] == "module error"
     (failure,) = report["failed_events"]
     assert failure["event"] == "1:1:7" and failure["label"] == "htFilter"
     assert failure["module_type"] == "FailingHTFilter" and failure["method"] == "filter"
-    assert failure["path"] == "HLT_HT300"
+    assert failure["path"] == "HLT_HT1200"
     ev = report["events"]
     assert ev["failed"] == 1 and ev["read"] == 7
     assert ev["accepted"] + ev["rejected"] + ev["failed"] == ev["read"]
@@ -351,9 +351,9 @@ INTERRUPT_WORKFLOW = {
         "jets": {"type": "TowerJetProducer", "towers": "towers"},
         "htFilter": {"type": "HTFilter", "jets": "jets", "min_ht": 300.0},
         "output": {"type": "RootOutput", "products": ["jets"], "file": "out/slow.root",
-                   "select_events": ["HLT_HT300"]},
+                   "select_events": ["HLT_HT1200"]},
     },
-    "paths": {"HLT_HT300": ["htFilter"]},
+    "paths": {"HLT_HT1200": ["htFilter"]},
     "endpaths": {"out": ["output"]},
 }
 

@@ -15,16 +15,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import awkward as ak
 import numpy as np
 import pytest
+import uproot
 
 from conftest import Recorder, run_guarded, workflow
 from framework import (Analyzer, Concurrency, ConfigError, Event, EventID,
                        ExternalWorkProducer, Filter, InputTag, InputTagList, ModuleError, Param,
                        ProductNotFound, Producer, run_workflow)
-from framework.config import load_yaml
+from framework.config import expand_workflow_dir, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_workflow(path: Path) -> dict:
+    """A workflow file as a mapping, ``${WORKFLOW_DIR}`` expanded."""
+    return expand_workflow_dir(load_yaml(path), str(path.parent))
 EXIT_MODULE = 4
 
 
@@ -585,46 +592,79 @@ def test_stop_finishes_events_in_flight_and_names_unread_events(recorder, thread
 
 
 # -- 7. the same products whatever the thread count ----------------------------------------
-def test_hlt_workflow_identical_products_for_1_and_4_threads(tmp_path, recorder):
-    raw = load_yaml(REPO / "workflows" / "workflow_hlt.yaml")
-    assert raw["source"]["count"] == 1000
-    outputs, reports, triggers = {}, {}, {}
-    for threads, streams in ((1, 1), (4, 4)):
-        log = Recorder()
-        wf = copy.deepcopy(raw)
-        wf["process"].update(threads=threads, streams=streams, report_every_s=0)
-        outputs[threads] = tmp_path / f"threads{threads}" / "accepted.npz"
-        wf["modules"]["output"]["file"] = str(outputs[threads])
-        wf["modules"]["trigLog"] = {"type": TriggerLog, "log": log}
-        wf["endpaths"]["trig"] = ["trigLog"]
-        result = run_workflow(wf)
-        assert result.exit_code == 0, result.error
-        reports[threads] = result.report
-        triggers[threads] = {n: d for _, _, n, d in log.where("trigger", "trigLog")}
-        assert len(triggers[threads]) == 1000
+TOY_HLT = {
+    "process": {"report_every_s": 0},
+    "source": {"type": "EmptySource", "count": 1000},
+    "modules": {
+        "hits": {"type": "ToyCaloHitProducer", "seed": 2021},
+        "rawTowers": {"type": "CaloTowerProducer", "hits": "hits"},
+        "towers": {"type": "ThreadPoolEnergyCalibrator", "towers": "rawTowers"},
+        "jets": {"type": "TowerJetProducer", "towers": "towers"},
+        "met": {"type": "MissingEtProducer", "towers": "towers"},
+        "htFilter": {"type": "HTFilter", "jets": "jets", "min_ht": 300.0},
+        "metFilter": {"type": "MinimumFilter", "value": "met", "minimum": 60.0},
+        "minBias": {"type": "PrescaleFilter", "prescale": 50},
+        "output": {"type": "RootOutput", "products": ["jets", "met", "hits:truth", "towers"],
+                   "select_events": ["HLT_HT300", "HLT_MET60", "HLT_MinBias"],
+                   "file": "set by the test"},
+    },
+    "paths": {"HLT_HT300": ["htFilter"], "HLT_MET60": ["metFilter"],
+              "HLT_MinBias": ["minBias"]},
+    "endpaths": {"out": ["output"]},
+}
 
-    one, four = (np.load(outputs[t]) for t in (1, 4))
-    assert sorted(one.files) == sorted(four.files)
-    assert {"event_id", "jets", "met", "hits_truth", "jets__counts"} <= set(one.files)
-    for name in one.files:
-        assert one[name].dtype == four[name].dtype, name
-        assert np.array_equal(one[name], four[name]), name
+
+def _run_at(raw: dict, threads: int, output: Path) -> tuple[dict, dict]:
+    """Run ``raw`` with ``threads`` threads and as many streams; return the report and the
+    TriggerResults of every event."""
+    log = Recorder()
+    wf = copy.deepcopy(raw)
+    wf["process"].update(threads=threads, streams=threads, report_every_s=0)
+    wf["modules"]["output"]["file"] = str(output)
+    wf["modules"]["trigLog"] = {"type": TriggerLog, "log": log}
+    wf["endpaths"]["trig"] = ["trigLog"]
+    result = run_workflow(wf)
+    assert result.exit_code == 0, result.error
+    return result.report, {n: d for _, _, n, d in log.where("trigger", "trigLog")}
+
+
+def _assert_same_job(raw: dict, tmp_path: Path, n_events: int) -> None:
+    files, reports, triggers = {}, {}, {}
+    for threads in (1, 4):
+        files[threads] = tmp_path / f"threads{threads}" / "accepted.root"
+        reports[threads], triggers[threads] = _run_at(raw, threads, files[threads])
+        assert len(triggers[threads]) == n_events
+
+    one, four = (uproot.open(files[t])["Events"] for t in (1, 4))
+    assert one.keys() == four.keys()
+    for name in one.keys():
+        a, b = one[name].array(library="ak"), four[name].array(library="ak")
+        assert a.type == b.type, name
+        assert ak.all(ak.flatten(a == b, axis=None)), name
     assert triggers[1] == triggers[4]
+    accepted = sorted(n for n, d in triggers[1].items() if any(d.values()))
+    # the output holds exactly the accepted events, in event order
+    assert one["event"].array(library="np").tolist() == accepted
     for threads in (1, 4):
         report = reports[threads]
-        accepted = sorted(n for n, d in triggers[threads].items() if any(d.values()))
         assert report["events"]["accepted"] == len(accepted)
-        for path in ("HLT_HT300", "HLT_MET60", "HLT_MinBias"):
+        for path in raw["paths"]:
             assert report["paths"][path]["passed"] == \
                 sum(d[path] for d in triggers[threads].values())
-        # the output holds exactly the accepted events, in event order
-        assert one["event_id"][:, 2].tolist() == accepted
     assert reports[1]["events"] == reports[4]["events"]
-    assert 0 < reports[1]["events"]["accepted"] < 1000
-    for path in reports[1]["paths"]:
-        assert reports[1]["paths"][path] == reports[4]["paths"][path]
+    assert 0 < reports[1]["events"]["accepted"] < n_events
+    assert reports[1]["paths"] == reports[4]["paths"]
     for label, m in reports[1]["modules"].items():
         assert m["runs"] == reports[4]["modules"][label]["runs"], label
+
+
+def test_identical_products_for_1_and_4_threads_over_1000_events(tmp_path):
+    _assert_same_job(TOY_HLT, tmp_path, 1000)
+
+
+def test_hlt_workflow_identical_products_for_1_and_4_threads(tmp_path):
+    raw = load_workflow(REPO / "workflows" / "workflow_hlt.yaml")
+    _assert_same_job(raw, tmp_path, 100)
 
 
 # -- 8. no deadlock with more streams than threads ------------------------------------------
