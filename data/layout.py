@@ -97,21 +97,19 @@ def per_event_numpy(array: ak.Array, shape=()) -> tuple[np.ndarray, np.ndarray] 
     return values, offsets
 
 
-def per_event_records(array: ak.Array) -> tuple[np.ndarray, np.ndarray] | None:
-    """For a ``var * {field: number, ...}`` array, one structured NumPy array of all entries
-    and the offsets (entry i is ``values[offsets[i]:offsets[i+1]]``). None for other layouts."""
+def per_event_fields(array: ak.Array) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+    """For a ``var * {field: number, ...}`` array, the contiguous values of each field and the
+    offsets (entry i of field f is ``values[f][offsets[i]:offsets[i+1]]``), without copying.
+    None for other layouts."""
     layout = array.layout
     if not layout.is_list or not isinstance(layout.content, ak.contents.RecordArray):
         return None
     layout = layout.to_ListOffsetArray64(True)
     record = layout.content
-    fields = []
+    fields = {}
     for name in record.fields:
         content = record.content(name)
         if not isinstance(content, ak.contents.NumpyArray) or content.data.ndim != 1:
             return None
-        fields.append((name, np.asarray(content.data)[:record.length]))
-    values = np.empty(record.length, dtype=[(name, data.dtype) for name, data in fields])
-    for name, data in fields:
-        values[name] = data
-    return values, np.asarray(layout.offsets)
+        fields[name] = np.asarray(content.data)[:record.length]
+    return fields, np.asarray(layout.offsets)

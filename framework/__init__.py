@@ -2,6 +2,7 @@
 
 Module authors need only what this package exports.
 """
+from .collection import Collection
 from .errors import ConfigError, InputError, ModuleError, ProductNotFound, RecorunError
 from .event import Event, EventID, TriggerResults
 from .module import (Analyzer, Concurrency, ExternalWorkProducer, Filter, Module, OutputModule,
@@ -13,7 +14,7 @@ from .process import JobResult, run_workflow
 
 __version__ = "0.1.0"
 
-__all__ = ["Analyzer", "Concurrency", "ConfigError", "EmptySource", "Event", "EventID",
+__all__ = ["Analyzer", "Collection", "Concurrency", "ConfigError", "EmptySource", "Event", "EventID",
            "ExternalWorkProducer", "Filter", "InputError", "InputTag", "InputTagList", "JobResult",
            "Module",
            "ModuleError", "OutputModule", "Param", "ProductNotFound", "Producer", "RecorunError",

@@ -12,8 +12,8 @@ a number                            a number (``float``, ``int64_t``...)
 (n, K, ...) NumPy array             flat jagged ``n*K*...`` values; the shape is kept in
                                     the file (see :mod:`data.layout`) and restored on
                                     reading
-structured NumPy array (records)    NanoAOD-style: ``<name>_<field>`` branches sharing the
-                                    counter ``n<name>``
+structured NumPy array or          NanoAOD-style: ``<name>_<field>`` branches sharing the
+Collection (records)                counter ``n<name>``
 ==================================  ===================================================
 
 ``event_id`` columns ``run``, ``luminosityBlock`` and ``event`` are always written. RNTuple
@@ -32,7 +32,7 @@ import numpy as np
 import uproot
 
 from data.layout import flatten_inner, write_shapes
-from framework import InputTagList, OutputModule, Param
+from framework import Collection, InputTagList, OutputModule, Param
 from framework.params import ParamError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ def parse_compression(text: str):
 def _column(values: list, name: str):
     """The per-event values of one product as one awkward/NumPy array for uproot."""
     first = values[0]
+    if isinstance(first, Collection):
+        counts = np.fromiter((len(v) for v in values), np.int64, len(values))
+        return ak.zip({f: ak.unflatten(ak.from_numpy(np.concatenate([v[f] for v in values])),
+                                       counts) for f in first.fields})
     if isinstance(first, np.ndarray) and first.ndim >= 1:
         counts = np.fromiter((len(v) for v in values), np.int64, len(values))
         content = np.concatenate(values)

@@ -9,7 +9,8 @@ Each branch a module consumes becomes the product ``source:<branch>`` of every e
   ``(n, K, ...)`` NumPy array;
 * a list of records (an RNTuple record field, or a NanoAOD-style collection: branches
   ``X_a``, ``X_b``... counted by ``nX``, read together as the product ``source:X``): a
-  structured NumPy array with fields ``a``, ``b``...;
+  :class:`~framework.Collection`, NumPy views of fields ``a``, ``b``... (``c["a"]``,
+  ``len(c)``, ``c[mask]``, ``c.to_numpy()``);
 * anything else (lists of lists...): the event's awkward value.
 
 Only the branches some module consumes are read (plus ``branches``, plus ``run``,
@@ -35,8 +36,8 @@ from pathlib import Path
 import awkward as ak
 import uproot
 
-from data.layout import per_event_numpy, per_event_records, read_shapes
-from framework import Event, EventID, InputError, Param, Source
+from data.layout import per_event_fields, per_event_numpy, read_shapes
+from framework import Collection, Event, EventID, InputError, Param, Source
 from framework.event import tag_label
 
 log = logging.getLogger(__name__)
@@ -129,21 +130,27 @@ class _Chunk:
     """One chunk of events, turned into cheap per-event accessors."""
 
     def __init__(self, arrays: ak.Array, shapes: dict, collections: dict, path: str,
-                 entry_start: int):
+                 entry_start: int, hidden: frozenset = frozenset()):
         self.path = path
         self.entry_start = entry_start
         self.size = len(arrays)
         self.columns = {}
         for name, members in collections.items():
             zipped = ak.zip({m[len(name) + 1:]: arrays[m] for m in members})
-            self.columns[name] = ("jagged", per_event_records(zipped))
+            self.columns[name] = ("collection", per_event_fields(zipped))
         for name in arrays.fields:
+            if name in hidden:                    # read only as part of a collection
+                continue
             array = arrays[name]
             layout = array.layout
             if isinstance(layout, ak.contents.NumpyArray):
                 self.columns[name] = ("scalar", ak.to_numpy(array))
                 continue
-            split = per_event_records(array) or per_event_numpy(array, shapes.get(name, ()))
+            fields = per_event_fields(array)
+            if fields is not None:
+                self.columns[name] = ("collection", fields)
+                continue
+            split = per_event_numpy(array, shapes.get(name, ()))
             if split is not None:
                 self.columns[name] = ("jagged", split)
             else:
@@ -157,6 +164,10 @@ class _Chunk:
             elif kind == "jagged":
                 values, offsets = data
                 products[name] = values[offsets[i]:offsets[i + 1]]
+            elif kind == "collection":
+                fields, offsets = data
+                start, stop = offsets[i], offsets[i + 1]
+                products[name] = Collection({f: v[start:stop] for f, v in fields.items()})
             else:
                 products[name] = data[i]
         return products
@@ -191,17 +202,18 @@ class RootSource(Source):
                 tree = _find_tree(file, path, self.tree)
                 self._entries[path] = tree.num_entries
                 if first is None:
-                    first = (path, tree, read_shapes(file))
+                    first = (path, file, tree, read_shapes(file))
             except InputError as exc:
                 self._bad_file(path, exc, 0)
         if first is None:
             raise InputError("RootSource: no readable input file among "
                              f"{', '.join(self.paths)}")
-        self._first_path, first_tree, self.shapes = first
+        self._first_path, self._first_file, first_tree, self.shapes = first
         self.tree_name = first_tree.name
         self.available = _branch_names(first_tree)
         self.collections = _collections(first_tree, self.available)
         self._read_collections: dict[str, list[str]] = {}
+        self._members_only: set[str] = set()     # branches read only for a collection
         self._first_tree = first_tree
         self.paths = [p for p in self.paths if p in self._entries]
         self.selected = [b for b in ID_BRANCHES if b in self.available]
@@ -233,8 +245,11 @@ class RootSource(Source):
         for name in names:
             if name in self.collections:
                 self._read_collections[name] = self.collections[name]
+                members = [m for m in self.collections[name] if m not in self.selected]
                 self._want(self.collections[name], f"member of collection '{name}'")
+                self._members_only.update(members)
                 continue
+            self._members_only.discard(name)
             if name not in self.available:
                 near = difflib.get_close_matches(name, self.available + list(self.collections),
                                                  n=3)
@@ -289,7 +304,9 @@ class RootSource(Source):
             stop = entries if left is None else min(entries, start + left)
             done = start
             try:
-                file = _open(path)
+                file, self._first_file = self._first_file, None   # the constructor's, once
+                if file is None or path != self._first_path:
+                    file = _open(path)
                 tree = _find_tree(file, path, self.tree)
                 missing = [b for b in self.selected if b not in _branch_names(tree)]
                 if missing:
@@ -298,7 +315,8 @@ class RootSource(Source):
                 shapes = read_shapes(file)
                 for arrays in tree.iterate(self.selected, step_size=self.step_size,
                                            entry_start=start, entry_stop=stop, library="ak"):
-                    yield _Chunk(arrays, shapes, self._read_collections, path, done)
+                    yield _Chunk(arrays, shapes, self._read_collections, path, done,
+                                 frozenset(self._members_only))
                     done += len(arrays)
                     if left is not None:
                         left -= len(arrays)

@@ -33,7 +33,7 @@ import yaml
 
 from conftest import Recorder, run_guarded
 from data.layout import SHAPES_KEY, read_shapes, restore_inner
-from framework import (Analyzer, Concurrency, ExternalWorkProducer, Filter, InputTag,
+from framework import (Analyzer, Collection, Concurrency, ExternalWorkProducer, Filter, InputTag,
                        InputTagList, Param, Producer)
 
 TESTS = Path(__file__).resolve().parent
@@ -258,7 +258,7 @@ def test_nanoaod_event_ids_and_jet_collection():
     for i, (_, event_id, products) in enumerate(events):
         assert event_id == (1, 1, int(ref["event"][i]))      # IDs from the 'event' branch
         jets = products["source:Jet"]
-        assert isinstance(jets, np.ndarray) and set(jets.dtype.names) == {"pt", "jetId"}
+        assert isinstance(jets, Collection) and set(jets.dtype.names) == {"pt", "jetId"}
         assert np.array_equal(jets["pt"], jet_pt[i]) and np.array_equal(jets["jetId"], jet_id[i])
         assert len(jets) == products["source:nJet"] == ref["nJet"][i]
         assert products["source:MET_pt"] == ref["MET_pt"][i]
@@ -491,7 +491,7 @@ def assert_features_via_source(path: Path, entries: list[int]):
         assert p4.shape == (ref["njet"], 2, 2) and p4.dtype == np.float32, (p4.shape, i)
         assert np.array_equal(p4, ref["p4"]), i
         jets = got["source:Jet"]
-        assert isinstance(jets, np.ndarray) and jets.dtype.names is not None
+        assert isinstance(jets, Collection) and jets.dtype.names is not None
         assert sorted(jets.dtype.names) == sorted(JET.names), jets.dtype
         for field in JET.names:
             assert np.array_equal(jets[field], ref["jets"][field]), (field, i)
