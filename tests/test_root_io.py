@@ -700,8 +700,16 @@ def _no_match(d):
             [re.escape("run2021_*.root"), "no file matches"])
 
 
+def _unreadable_type(d):
+    """A branch of a class uproot cannot interpret (a public file from uproot's issues)."""
+    path = skhep_testdata.data_path("uproot-issue371.root")
+    return ({"files": path, "tree": "Header", "branches": ["Header.TObject"]}, None,
+            ["uproot-issue371.root", "branch 'Header.TObject'", "cannot be read"])
+
+
 @pytest.mark.parametrize("case", [_missing, _text, _truncated, _garbage, _no_tree,
-                                  _no_consumed_branch, _no_listed_branch, _empty, _no_match],
+                                  _no_consumed_branch, _no_listed_branch, _empty, _no_match,
+                                  _unreadable_type],
                          ids=lambda f: f.__name__.strip("_"))
 def test_bad_input_exits_3_naming_the_file(tmp_path, case):
     source, jets, patterns = case(tmp_path)
