@@ -512,8 +512,9 @@ class Scheduler:
         if self.sync and error is None:
             holder.finished = threading.Event()
         holder._acquire_returned(error)
-        if holder.finished is not None:
-            holder.finished.wait()       # synchronous mode: wait here for the external work
+        if holder.finished is not None:  # synchronous mode: wait here, then produce at once,
+            holder.finished.wait()       # whichever thread the external work finished on
+            self._produce(run, worker, state, holder)
         return PENDING
 
     def _external_done(self, run, worker, state, holder) -> None:
@@ -526,9 +527,10 @@ class Scheduler:
             self.tracer.complete(worker.label, "external", holder.acquire_end_ns,
                                  end - holder.acquire_end_ns, event=str(run.event.id),
                                  lane=f"external {worker.label}")
-        self.executor.soon(self._produce, run, worker, state, holder)
         if holder.finished is not None:
             holder.finished.set()
+        else:
+            self.executor.soon(self._produce, run, worker, state, holder)
 
     def _produce(self, run, worker, state, holder) -> None:
         if holder.error is not None:

@@ -70,3 +70,122 @@ def run_guarded(wf: dict, timeout: float = 60.0, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+# --- recorun-server: a real Triton server for tests/test_server.py (and any test that needs one)
+
+import os as _os
+import selectors as _selectors
+import signal as _signal
+import subprocess as _subprocess
+import sys as _sys
+import time as _time
+from pathlib import Path as _Path
+
+
+class RecorunServerProcess:
+    """``recorun-server`` run as a subprocess in its own session (process group = its PID),
+    stderr to ``log_path``; ``launch`` returns once it has printed its READY line. ``grpc``,
+    ``http`` and ``metrics`` are ``HOST:PORT``. The environment it gets has no
+    ``PYTRITON_HOME`` or ``LD_LIBRARY_PATH``: the server must not need them."""
+
+    def __init__(self, process: _subprocess.Popen, log_path: _Path, ready_line: str,
+                 started_s: float):
+        self.process = process
+        self.pid = process.pid
+        self.log_path = log_path
+        self.ready_line = ready_line
+        self.started_s = started_s            # launch to READY, seconds
+        self.rest_of_stdout = ""               # what it printed after READY (after stop)
+        fields = dict(item.split("=", 1) for item in ready_line.split()[1:])
+        self.grpc, self.http, self.metrics = fields["grpc"], fields["http"], fields["metrics"]
+
+    @staticmethod
+    def command() -> list[str]:
+        script = _Path(_sys.executable).with_name("recorun-server")
+        return [str(script)] if script.exists() else [_sys.executable, "-m", "server.cli"]
+
+    @staticmethod
+    def environment(**extra: str) -> dict:
+        env = {k: v for k, v in _os.environ.items()
+               if k not in ("PYTRITON_HOME", "LD_LIBRARY_PATH")}
+        env.update(extra)
+        return env
+
+    @classmethod
+    def launch(cls, *args: str, log_dir, timeout: float = 120.0, env: dict | None = None
+               ) -> RecorunServerProcess:
+        log_path = _Path(log_dir) / f"recorun-server-{_time.monotonic_ns()}.log"
+        began = _time.perf_counter()
+        with open(log_path, "w") as log:
+            process = _subprocess.Popen([*cls.command(), *args], stdout=_subprocess.PIPE,
+                                        stderr=log, stdin=_subprocess.DEVNULL,
+                                        env=env or cls.environment(), start_new_session=True)
+        line = b""
+        fd = process.stdout.fileno()
+        with _selectors.DefaultSelector() as selector:
+            selector.register(fd, _selectors.EVENT_READ)
+            while b"\n" not in line:
+                left = began + timeout - _time.perf_counter()
+                if left <= 0:
+                    break
+                if selector.select(min(left, 1.0)):
+                    chunk = _os.read(fd, 4096)
+                    if not chunk:                 # stdout closed: the server exited
+                        break
+                    line += chunk
+                elif process.poll() is not None:
+                    break
+        text = line.decode(errors="replace").strip()
+        if not text.startswith("READY "):
+            cls._kill(process)
+            log_text = log_path.read_text(errors="replace")
+            pytest.fail(f"recorun-server {' '.join(args)} did not print READY in {timeout:.0f} s "
+                        f"(exit code {process.poll()}, stdout {text!r}); its log:\n"
+                        f"{log_text[-6000:]}")
+        return cls(process, log_path, text, _time.perf_counter() - began)
+
+    @staticmethod
+    def _kill(process: _subprocess.Popen) -> None:
+        if process.poll() is None:
+            try:
+                _os.killpg(process.pid, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = _signal.SIGTERM, *, group: bool = False,
+             timeout: float = 30.0) -> int:
+        """Send ``sig`` to the server (its whole process group with ``group``, as a terminal's
+        Ctrl-C does) and wait for it; on timeout kill the group and fail."""
+        if self.process.poll() is None:
+            (_os.killpg if group else _os.kill)(self.pid, sig)
+        try:
+            code = self.process.wait(timeout)
+        except _subprocess.TimeoutExpired:
+            self._kill(self.process)
+            pytest.fail(f"recorun-server did not stop within {timeout:.0f} s of {sig!r}; "
+                        f"log:\n{self.log()[-4000:]}")
+        finally:
+            if not self.process.stdout.closed:
+                self.rest_of_stdout = self.process.stdout.read().decode(errors="replace")
+                self.process.stdout.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory):
+    """One recorun-server with all three models for the test session (free ports, dynamic
+    batching with preferred sizes 10 and 4500 and a 100 us queue delay); stopped with SIGTERM
+    at the end, which must end it with exit code 0."""
+    server = RecorunServerProcess.launch(
+        "--models", "all", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+        "--preferred-batch-size", "10", "4500", "--max-queue-delay-us", "100",
+        log_dir=tmp_path_factory.mktemp("recorun-server"))
+    yield server
+    code = server.stop(_signal.SIGTERM)
+    assert code == 0, f"recorun-server exited with {code} on SIGTERM:\n{server.log()[-4000:]}"
+    assert server.rest_of_stdout == "", "recorun-server printed more than its READY line"
