@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -28,6 +29,7 @@ from server.models import SPECS
 from server.weights import INIT_SEED, load_model, origin
 
 MODELS = tuple(SPECS)
+REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-4, 1e-5          # onnxruntime (server) against torch (here), float32
 
 
@@ -434,3 +436,13 @@ def test_config_pbtxt_without_dynamic_batching_on_cpu():
     assert [(g.count, g.kind) for g in config.instance_group] \
         == [(3, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
     assert config.parameters["weights_origin"].string_value == 'a "quoted"\norigin, \u00e9'
+
+
+def test_model_code_imports_without_framework_or_triton():
+    """A GPU site runs server/ alone: the models, weights and export need no framework, no
+    Triton client and no Triton server."""
+    code = ("import sys; import server.models, server.weights, server.export; "
+            "bad = [m for m in ('framework', 'modules', 'tritonclient', 'pytriton') "
+            "if m in sys.modules]; assert not bad, bad")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
