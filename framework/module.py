@@ -69,10 +69,16 @@ class Module(Configurable):
         return tuple(self.produces)
 
     def begin_job(self) -> None:
-        """Called once per instance before the first event."""
+        """Called once per instance before the first event. Raise
+        :class:`~framework.ConfigError` for a configuration found wrong here (exit code 2)."""
 
     def end_job(self) -> None:
         """Called once per instance after the last event, also after a failure."""
+
+    def report(self) -> dict | None:
+        """Extra figures for this module's entry in the job report (``details``), e.g. a
+        client's timing; asked once, after ``end_job``."""
+        return None
 
 
 class Producer(Module):

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from .build import BuiltWorkflow, build_workflow
 from .config import apply_overrides, parse_workflow
-from .errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODULE, EXIT_OK, InputError, ModuleError
+from .errors import (EXIT_CONFIG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODULE, EXIT_OK,
+                     ConfigError, InputError, ModuleError)
 from .module import OutputModule
 from .monitor import InFlight, Monitor
 from .reports import summarize
@@ -23,7 +24,9 @@ from .scheduler import Scheduler
 from .trace import Tracer
 
 STOP_EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "input error": EXIT_INPUT,
-                   "module error": EXIT_MODULE}
+                   "module error": EXIT_MODULE, "configuration error": EXIT_CONFIG}
+STOP_REASONS = ((ConfigError, "configuration error"), (InputError, "input error"),
+                (ModuleError, "module error"))
 
 
 @dataclass
@@ -75,6 +78,9 @@ def _begin_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> None:
     for worker, module in scheduler.all_instances():
         try:
             module.begin_job()
+        except ConfigError as exc:       # the module found its configuration wrong: exit 2
+            exc.label = exc.label or worker.label
+            raise
         except Exception as exc:
             raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
                               label=worker.label, method="begin_job") from exc
@@ -127,9 +133,9 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
     error: BaseException | None = None
     try:
         _begin_job(built, scheduler, begun)
-    except (ModuleError, InputError) as exc:
+    except (ConfigError, ModuleError, InputError) as exc:
         error = exc
-        scheduler.stop("module error" if isinstance(exc, ModuleError) else "input error", exc)
+        scheduler.stop(next(r for kind, r in STOP_REASONS if isinstance(exc, kind)), exc)
     if error is None:
         monitor = Monitor(scheduler.status, total=built.source.total_events(),
                           report_every_s=options.report_every_s,
@@ -143,7 +149,7 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
             monitor.stop()
         error = scheduler.status.stop_error
     complete = scheduler.status.stop_reason is None and begun and error is None
-    for worker, module in scheduler.all_instances():
+    for _, module in scheduler.all_instances():
         if isinstance(module, OutputModule):
             module.job_complete = bool(complete)
     end_errors = _end_job(built, scheduler, begun)

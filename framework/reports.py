@@ -18,7 +18,7 @@ def _mean(total_ns: int, count: int) -> float:
     return total_ns / NS_PER_MS / count if count else 0.0
 
 
-def _module_entry(worker, visited: int) -> dict:
+def _module_entry(worker, visited: int, instances) -> dict:
     s = merge(worker.stats)
     entry = {"type": worker.type_name, "kind": worker.kind, "runs": s.runs,
              "visited": visited, "passed": s.passed, "rejected": s.rejected,
@@ -32,6 +32,9 @@ def _module_entry(worker, visited: int) -> dict:
                      external_ms_mean=_mean(s.external_ns, s.runs),
                      produce_ms_mean=_mean(s.produce_real_ns, s.runs),
                      produce_cpu_ms_mean=_mean(s.produce_cpu_ns, s.runs))
+    details = [d for d in (module.report() for module in instances) if d]
+    if details:
+        entry["details"] = details[0] if len(details) == 1 else details
     return entry
 
 
@@ -66,7 +69,7 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "source": scheduler.built.source.summary(),
         "paths": paths,
         "endpaths": endpaths,
-        "modules": {label: _module_entry(w, visited[label])
+        "modules": {label: _module_entry(w, visited[label], w.copies)
                     for label, w in scheduler.workers.items()},
         "wall_s": wall,
         "throughput_hz": status.done / wall,

@@ -282,8 +282,9 @@ for FACILE), all in `server/train.py`, none of it in the architecture:
 * DeepCalo's loss is the mean squared *relative* error (a plain squared error over 5-500 GeV
   is dominated by the few most energetic electrons).
 
-**ResNet-50 is not trained**: no pretrained weights can be had offline and the project has
-no labelled jet-image sample to train 23.5 M parameters on two CPU cores. It is served from
+**ResNet-50 is not trained**: no pretrained weights can be had offline, and training 23.5 M
+parameters on 224x224 jet images (`data/jets.py` generates labelled top and QCD jets and
+can make such images) is out of reach of a few minutes on two CPU cores. It is served from
 its initialisation after `torch.manual_seed({INIT_SEED})` (`server.weights.INIT_SEED`):
 deterministic, so every server and test gets the same parameters, and its outputs are
 meaningless as a top tagger. Its cost (parameters, FLOPs, memory, latency) is that of the

@@ -3,6 +3,7 @@ reconstruct energies on fresh events (and that untrained ones would not pass the
 checks), and that training is reproducible from its seed. Fast: well under 30 s."""
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from server import validate
 from server.models import SPECS, parameter_count
+from server.train import main as train_main
 from server.validate import deepcalo_comparison, facile_comparison, response
 from server.weights import INIT_SEED, load_model, origin, weights_path
 
@@ -21,10 +23,16 @@ FRESH_SEED = 4242            # neither the training seed (1) nor validate's defa
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _threads():
+def _threads_and_cached_samples():
+    """2 torch threads; each fresh sample generated once for the module's tests."""
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(validate, "hcal_sample", functools.lru_cache(maxsize=4)(validate.hcal_sample))
+    patch.setattr(validate, "electron_sample",
+                  functools.lru_cache(maxsize=4)(validate.electron_sample))
     yield
+    patch.undo()
     torch.set_num_threads(previous)
 
 
@@ -171,18 +179,22 @@ def test_validate_refuses_the_training_seed(capsys):
 
 
 # ---------------------------------------------------------------------------- training
-def _train(tmp: Path, name: str, seed: int) -> dict:
+def _train(tmp: Path, name: str, seed: int, subprocess_: bool = True) -> dict:
+    """``python -m server.train facile`` on 3 events (1 epoch), in a new process or not."""
     out = tmp / name
-    subprocess.run([sys.executable, "-m", "server.train", "facile", "--events", "3",
-                    "--epochs", "1", "--seed", str(seed), "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    args = ["facile", "--events", "3", "--epochs", "1", "--seed", str(seed), "--out", str(out)]
+    if subprocess_:
+        subprocess.run([sys.executable, "-m", "server.train", *args], cwd=REPO, check=True,
+                       capture_output=True, timeout=120)
+    else:
+        assert train_main(args) == 0
     return torch.load(out, map_location="cpu", weights_only=True)
 
 
 def test_training_is_reproducible_from_its_seed(tmp_path):
     first = _train(tmp_path, "a.pt", 3)
     second = _train(tmp_path, "b.pt", 3)
-    other = _train(tmp_path, "c.pt", 4)
+    other = _train(tmp_path, "c.pt", 4, subprocess_=False)
     assert first["state_dict"].keys() == second["state_dict"].keys()
     for key, value in first["state_dict"].items():
         assert torch.equal(value, second["state_dict"][key]), key

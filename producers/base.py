@@ -1,0 +1,176 @@
+"""The SONIC producer: an ExternalWork producer whose external work is a model inference.
+
+A concrete producer says what it sends and what it makes of the answer::
+
+    class FacileProducer(SonicProducer):
+        model = Param(str, "facile", doc="...")
+        inputs = {"hcal_channels": ((15,), np.float32)}       # what pack() returns, per row
+        digis = InputTag("source:HcalDigi")
+
+        def pack(self, event):                    # in acquire: event data -> model inputs
+            return {"hcal_channels": facile_inputs(event.get(self.digis))}
+
+        def unpack(self, event, outputs):         # in produce: model outputs -> products
+            event.put(...)
+
+The client is chosen by configuration alone (``client: triton`` with ``mode: async | sync |
+pseudo-async``, or ``client: inprocess`` with ``backend: onnxruntime | torch``); the producer's
+code is the same for all of them.
+
+Life cycle
+----------
+* construction: the client parameters become a :class:`~sonic_clients.ClientConfig`; a value it
+  rejects (a bad timeout, ``tries: 0``...) is a configuration error naming the parameter.
+* ``begin_job``: the client, from the workflow's ServerRegistry service if it has one, else
+  from :func:`sonic_clients.registry.default_registry` (whose local fallback server serves a
+  model that no server provides); then ``validate(self.input_shapes())``: a tensor name, shape
+  or dtype that does not fit the model stops the job before its first event, with an error
+  naming the producer, the model and the tensor.
+* ``acquire``: ``pack(event)`` then ``client.infer(inputs, done)``; the packing time is part
+  of acquire in the framework's report (the paper's S). ``done`` (on whichever thread the
+  client calls it) keeps the outputs for the event and calls ``holder.done(error)``; an error
+  is wrapped in :class:`SonicInferenceError` naming the event and the model.
+* ``produce``: ``unpack(event, outputs)`` (the paper's L is acquire's and produce's CPU time).
+* ``end_job``: the client is given back (``client.end_job()`` releases it to its registry).
+
+Concurrency: SHARED
+-------------------
+One producer instance, hence one client, serves every stream. The SONIC clients are
+thread-safe (their counters, batching and requests are), so one client per stream would only
+multiply gRPC channels, in-process model sessions (memory: one ResNet-50 per stream) and
+begin_job probes, and split the client's timing counters per stream. A shared instance also
+lets the client see every request of the job, which is what its statistics and the server's
+dynamic batching are about. The only per-event state, the outputs between ``done`` and
+``produce``, is kept in a dict keyed by ``event.index`` under a lock.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+
+from framework import ConfigError, Concurrency, ExternalWorkProducer, Param
+from framework.params import ParamError
+from sonic_clients import ClientConfig, ClientConfigError, make_client, parse_duration
+from sonic_clients.base import BACKENDS, CLIENTS, COMPRESSIONS, MODES
+
+
+class SonicInferenceError(RuntimeError):
+    """An inference of one event failed; names the event and the model (the client's error,
+    with its server and attempts, is the cause)."""
+
+    def __init__(self, event_id, model: str, cause: BaseException):
+        self.event_id, self.model, self.cause = event_id, model, cause
+        self.__cause__ = cause
+        super().__init__(f"event {event_id}: inference of model '{model}' failed: "
+                         f"{type(cause).__name__}: {cause}")
+
+
+class SonicProducer(ExternalWorkProducer):
+    """Base of the SONIC producers (see the module docstring)."""
+
+    concurrency = Concurrency.SHARED
+
+    #: what :meth:`pack` returns: ``{input name: (shape per row, dtype)}``; subclasses set it
+    inputs: ClassVar[dict[str, tuple[tuple[int, ...], Any]]] = {}
+
+    model = Param(str, doc="model name on the server (or in-process)")
+    version = Param(str, "", doc="model version; empty: the latest")
+    server = Param(str, "", doc="preferred server of the ServerRegistry (empty: any)")
+    mode = Param(str, "async", choices=MODES,
+                 doc="async: non-blocking request; sync: blocking call in acquire; "
+                     "pseudo-async: blocking call on a client-owned thread")
+    client = Param(str, "triton", choices=CLIENTS,
+                   doc="triton: a Triton server over gRPC; inprocess: the model in this process")
+    backend = Param(str, "onnxruntime", choices=BACKENDS, doc="in-process backend")
+    timeout = Param(str | float, "10 s", doc="per request (each try): '500 ms', '10 s', ...")
+    tries = Param(int, 3, doc="attempts per server (1: no retry)")
+    compression = Param(str, "none", choices=COMPRESSIONS, doc="gRPC compression")
+    verbose = Param(bool, False, doc="log the model's description and the client's counters")
+
+    def __init__(self, label: str = "", **params: Any):
+        super().__init__(label, **params)
+        try:
+            parse_duration(self.timeout)
+        except ValueError as exc:
+            raise ParamError("timeout", str(exc)) from None
+        try:
+            self.client_config = ClientConfig(
+                model=self.model, version=self.version, server=self.server, mode=self.mode,
+                timeout_s=self.timeout, tries=self.tries, compression=self.compression,
+                client=self.client, backend=self.backend, verbose=self.verbose)
+        except ClientConfigError as exc:
+            text = str(exc)
+            name = next((p for p in ("tries", "version", "server", "verbose") if f": {p}:" in
+                         text), "timeout" if "timeout" in text else "model")
+            raise ParamError(name, text) from None
+        self.sonic = None                       # the SonicClient, from begin_job on
+        self._outputs: dict[int, dict[str, np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    # hooks of the concrete producers ---------------------------------------------------------
+    def input_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """``{input name: (shape per row, dtype)}`` that :meth:`pack` will send."""
+        return dict(self.inputs)
+
+    def pack(self, event) -> dict[str, np.ndarray]:
+        """The model inputs of ``event``: arrays whose first axis is the batch."""
+        raise NotImplementedError(f"{type(self).__name__} must define pack(event)")
+
+    def unpack(self, event, outputs: dict[str, np.ndarray]) -> None:
+        """Put the products made of the model's ``outputs`` for ``event``."""
+        raise NotImplementedError(f"{type(self).__name__} must define unpack(event, outputs)")
+
+    # the framework's calls --------------------------------------------------------------------
+    def begin_job(self) -> None:
+        self.sonic = make_client(self.client_config, self.services)
+        try:
+            self.sonic.begin_job()               # idempotent: make_client begins it already
+            self.sonic.validate(self.input_shapes())
+        except ClientConfigError as exc:
+            self._give_back()
+            raise ConfigError(f"SONIC producer '{self.label}' ({type(self).__name__}), "
+                              f"model '{self.model}': {exc}", label=self.label) from exc
+        except BaseException:
+            self._give_back()
+            raise
+
+    def acquire(self, event, holder) -> None:
+        index, event_id, model = event.index, event.id, self.model
+        inputs = self.pack(event)
+
+        def done(outputs, error):
+            if error is None:
+                with self._lock:
+                    self._outputs[index] = outputs
+                holder.done()
+            else:
+                holder.done(SonicInferenceError(event_id, model, error))
+
+        self.sonic.infer(inputs, done)
+
+    def produce(self, event) -> None:
+        with self._lock:
+            outputs = self._outputs.pop(event.index)
+        self.unpack(event, outputs)
+
+    def end_job(self) -> None:
+        with self._lock:
+            self._outputs.clear()
+        self._give_back()
+
+    def _give_back(self) -> None:
+        client, self.sonic = self.sonic, None
+        if client is not None:
+            self._timing = client.timing()
+            client.end_job()                     # releases it to its registry
+
+    def report(self) -> dict | None:
+        """The client's figures for the job report: calls, retries, failovers, bytes sent,
+        mean packing and round-trip times."""
+        timing = getattr(self, "_timing", None)
+        if not timing:
+            return None
+        return {"client": self.client_config.client, "mode": self.client_config.mode,
+                "model": self.model, **timing}

@@ -1,0 +1,31 @@
+"""FACILE: HCAL rechits with energies from the FACILE network (a drop-in replacement for
+:class:`~modules.hcal_reco.HcalSimpleReco` / :class:`~modules.hcal_mahi.HcalMahiReco`: same input
+tag, same ``threshold``, same rechit dtype, so CaloTowerProducer reads its product unchanged)."""
+from __future__ import annotations
+
+import numpy as np
+
+from data.hcal import FACILE_INPUTS, facile_inputs
+from framework import InputTag, Param
+from modules.hcal_reco import rechits
+
+from .base import SonicProducer
+
+
+class FacileProducer(SonicProducer):
+    """HCAL rechits (``modules.hcal_reco.RECHIT_DTYPE``) from ``HcalDigi`` digis, the energy of
+    each channel inferred by FACILE (input ``hcal_channels`` [15], output ``energy`` [1], GeV)."""
+
+    model = Param(str, "facile", doc="model name")
+    digis = InputTag("source:HcalDigi", doc="HcalDigi collection (fields of data/README.md)")
+    threshold = Param(float, 0.5, doc="rechits below this energy (GeV) are dropped")
+
+    inputs = {"hcal_channels": ((len(FACILE_INPUTS),), np.float32)}
+
+    def pack(self, event):
+        # one (n, 15) float32 matrix filled column by column from the digis' field views
+        return {"hcal_channels": facile_inputs(event.get(self.digis))}
+
+    def unpack(self, event, outputs):
+        energy = outputs["energy"].reshape(-1)
+        event.put(rechits(event.get(self.digis), energy, self.threshold))
