@@ -61,23 +61,32 @@ class ExportError(RuntimeError):
 
 
 @contextlib.contextmanager
-def private_torch_caches(directory: str | os.PathLike | None = None) -> Iterator[Path]:
-    """Point torch's cache directories (:data:`TORCH_CACHE_VARIABLES`) at ``directory`` (a new
-    temporary directory, removed at the end, when None) for the duration of the block, then
-    restore the environment as it was."""
-    owned = directory is None
-    root = Path(tempfile.mkdtemp(prefix="recorun-torch-cache-") if owned else directory)
-    saved = {name: os.environ.get(name) for name in TORCH_CACHE_VARIABLES}
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        for name, sub in TORCH_CACHE_VARIABLES.items():
-            os.environ[name] = str(root / sub)
-        yield root
+        yield
     finally:
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextlib.contextmanager
+def private_torch_caches(directory: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Point torch's cache directories (:data:`TORCH_CACHE_VARIABLES`) at ``directory`` (a new
+    temporary directory, removed at the end, when None) for the duration of the block, then
+    restore the environment as it was."""
+    owned = directory is None
+    root = Path(tempfile.mkdtemp(prefix="recorun-torch-cache-") if owned else directory)
+    try:
+        with environment(**{name: str(root / sub)
+                            for name, sub in TORCH_CACHE_VARIABLES.items()}):
+            yield root
+    finally:
         if owned:
             shutil.rmtree(root, ignore_errors=True)
 

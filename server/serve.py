@@ -56,6 +56,7 @@ import torch
 from . import weights as weights_module
 from .export import (
     check_onnx,
+    environment,
     export_onnx,
     import_onnxruntime,
     onnx_session,
@@ -391,20 +392,6 @@ def _infer_function(model: PreparedModel, runner) -> Callable:
 
 # --- the server -------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _environment(**values: str):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _libpython_path() -> str:
     """LD_LIBRARY_PATH with the running interpreter's LIBDIR first (pitfall 1)."""
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -564,7 +551,7 @@ class RecorunServer:
                         "the weights' origin is only in this log and in recorun-server --list")
 
         began = time.perf_counter()
-        with _environment(LD_LIBRARY_PATH=_libpython_path()):
+        with environment(LD_LIBRARY_PATH=_libpython_path()):
             self._launch(triton)
         deadline = began + o.ready_timeout_s
         self._wait_live(triton, endpoints, deadline)
