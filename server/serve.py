@@ -39,6 +39,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import sysconfig
@@ -88,6 +89,7 @@ RUNTIME_PARAMETER = "recorun_runtime"
 
 READY_TIMEOUT_S = 120.0
 PORT_ATTEMPTS = 3          # free ports chosen here can be taken before tritonserver binds them
+STOP_TIMEOUT_S = 20.0       # pytriton's stop, after which its processes are killed
 EXIT_TIMEOUT_S = 5          # tritonserver --exit-timeout-secs: in-flight requests at shutdown
 
 
@@ -392,6 +394,26 @@ def _infer_function(model: PreparedModel, runner) -> Callable:
 
 # --- the server -------------------------------------------------------------------------------
 
+def _descendants(pid: int) -> list[int]:
+    """PIDs of the processes below ``pid`` (children first), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def _libpython_path() -> str:
     """LD_LIBRARY_PATH with the running interpreter's LIBDIR first (pitfall 1)."""
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -492,12 +514,26 @@ class RecorunServer:
     def _stop_triton(self) -> None:
         triton, self._triton = self._triton, None
         if triton is not None:
-            try:
-                triton.stop()
-            except Exception as exc:              # still remove what we own
-                LOG.warning("stopping tritonserver: %s: %s", type(exc).__name__, exc)
+            stopper = threading.Thread(target=self._stop_pytriton, args=(triton,),
+                                       name="pytriton-stop", daemon=True)
+            stopper.start()
+            stopper.join(STOP_TIMEOUT_S)
+            if stopper.is_alive():               # a helper died under it (a Ctrl-C to the
+                LOG.warning("pytriton did not stop within %.0f s: killing the processes "
+                            "it started", STOP_TIMEOUT_S)      # whole group): do not hang
+                for pid in _descendants(os.getpid()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                stopper.join(5.0)
             server = getattr(triton, "_triton_server", None)
             self._last_logs = server.logs() if server is not None else ""
+
+    @staticmethod
+    def _stop_pytriton(triton) -> None:
+        try:
+            triton.stop()
+        except Exception as exc:                  # still remove what we own
+            LOG.warning("stopping tritonserver: %s: %s", type(exc).__name__, exc)
 
     def _chosen_port_taken(self, log: str) -> bool:
         """Whether tritonserver failed because a port chosen here (for port 0) was in use."""
