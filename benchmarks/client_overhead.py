@@ -1,6 +1,7 @@
 """Client overhead of the SONIC FACILE producer against a bare tritonclient loop.
 
-One ``recorun-server --models facile`` (free ports; stopped with SIGTERM) serves both:
+One ``recorun-server --models facile`` (free ports, started and stopped as recorun's fallback
+server is) serves both:
 
 (a) bare: tritonclient.grpc ``async_infer``, one request in flight (send, wait for the
     callback, repeat), on FACILE input matrices of 4500 and 16000 rows built from generated
@@ -24,14 +25,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +39,7 @@ from data.generate import generate_hcal_events  # noqa: E402
 from data.hcal import facile_inputs  # noqa: E402
 from framework import Analyzer, Collection, Concurrency, InputTag, Param, Producer  # noqa: E402
 from framework import run_workflow  # noqa: E402
+from sonic_clients.fallback import FallbackServer  # noqa: E402
 
 BATCHES = (4500, 16000)
 DISTINCT_EVENTS = 10            # distinct generated events per batch size, cycled
@@ -84,44 +82,6 @@ def make_digis(rows: int, seed: int) -> list[Collection]:
         out.append(Collection({f: np.ascontiguousarray(np.asarray(one[f]))
                                for f in events.fields}))
     return out
-
-
-# --- the server ---------------------------------------------------------------------------------
-
-def start_server(timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
-    script = Path(sys.executable).with_name("recorun-server")
-    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
-    cmd += ["--models", "facile", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0"]
-    log = open(os.devnull, "w")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    line, began = b"", time.monotonic()
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout.fileno(), selectors.EVENT_READ)
-        while b"\n" not in line and time.monotonic() - began < timeout:
-            if sel.select(1.0):
-                chunk = os.read(proc.stdout.fileno(), 4096)
-                if not chunk:
-                    break
-                line += chunk
-            elif proc.poll() is not None:
-                break
-    text = line.decode(errors="replace").strip()
-    if not text.startswith("READY "):
-        stop_server(proc)
-        raise SystemExit(f"recorun-server did not start: {text!r}")
-    fields = dict(item.split("=", 1) for item in text.split()[1:])
-    return proc, fields["grpc"]
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(10)
 
 
 # --- (a) bare tritonclient --------------------------------------------------------------------
@@ -195,7 +155,8 @@ def main() -> None:
 
     digis = {rows: make_digis(rows, seed=rows) for rows in BATCHES}
     matrices = {rows: [facile_inputs(d) for d in digis[rows]] for rows in BATCHES}
-    proc, address = start_server()
+    server = FallbackServer(["facile"]).start()
+    address = server.grpc
     rows_out = {}
     try:
         for rows in BATCHES:
@@ -222,7 +183,7 @@ def main() -> None:
                 "X_mahi_cpu_ms": x_ms, "Y_upper_ms": 1e3 * bare,
                 "F_gpu_eq_lower": (x_ms - s_plus_l) / (1e3 * bare)}
     finally:
-        stop_server(proc)
+        server.stop()
 
     print(f"{'rows':>6} {'bare med':>9} {'bare mean':>9} {'rec wall/ev':>11} {'ratio':>6} "
           f"{'rec ev med':>10} {'med/med':>7} {'mean/mean':>9} {'producer ms':>12} "

@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,33 +36,12 @@ from server.export import example_input, export_onnx  # noqa: E402
 from server.models import SPECS  # noqa: E402
 from server.serve import OnnxRunner, default_threads  # noqa: E402
 from server.weights import load_model  # noqa: E402
+from sonic_clients.fallback import FallbackServer  # noqa: E402
 
 ROUND_TRIPS = [("facile", 4500), ("facile", 16000), ("deepcalo", 5), ("deepcalo", 500),
                ("resnet50", 1), ("resnet50", 10)]
 THROUGHPUT = [("facile", 4500), ("deepcalo", 5)]
 CLIENTS = (1, 2, 4, 8, 16)
-
-
-class Server:
-    """A ``recorun-server`` subprocess on free ports, stopped with SIGTERM."""
-
-    def __init__(self, models: str, *extra: str):
-        command = [sys.executable, "-m", "server.cli", "--models", models, "--grpc-port", "0",
-                   "--http-port", "0", "--metrics-port", "0", *extra]
-        self.log = tempfile.TemporaryFile("w+")
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log,
-                                        text=True, start_new_session=True)
-        line = self.process.stdout.readline()
-        if not line.startswith("READY"):
-            self.process.wait(timeout=30)
-            self.log.seek(0)
-            raise RuntimeError(f"recorun-server did not start:\n{self.log.read()[-3000:]}")
-        self.grpc = dict(part.split("=") for part in line.split()[1:])["grpc"]
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
-        self.log.close()
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -84,7 +61,7 @@ def triton_call(client, name: str, x: np.ndarray):
     return lambda: client.infer(name, [tensor], outputs=[output]).as_numpy(spec.outputs[0].name)
 
 
-def round_trips(server: Server, models: list[str], repeats: int, workdir: Path) -> list[dict]:
+def round_trips(server: FallbackServer, models: list[str], repeats: int, workdir: Path) -> list[dict]:
     client = grpcclient.InferenceServerClient(server.grpc)
     runners = {}
     for name in models:
@@ -110,7 +87,7 @@ def round_trips(server: Server, models: list[str], repeats: int, workdir: Path) 
     return results
 
 
-def throughput(server: Server, name: str, batch: int, clients: int, seconds: float) -> float:
+def throughput(server: FallbackServer, name: str, batch: int, clients: int, seconds: float) -> float:
     x = example_input(SPECS[name], batch)
     done = [0] * clients
     stop = time.perf_counter() + seconds
@@ -143,7 +120,7 @@ def main() -> None:
           f"{default_threads(1)} threads per model instance, client in this process")
     with tempfile.TemporaryDirectory() as tmp:
         print("round trip, median of", args.repeats)
-        server = Server(",".join(models))
+        server = FallbackServer(models).start()
         try:
             trips = round_trips(server, models, args.repeats, Path(tmp))
         finally:
@@ -151,7 +128,7 @@ def main() -> None:
     batching = {}
     for label, extra in (("off", ["--no-dynamic-batching"]),
                          ("on", ["--dynamic-batching", "--max-queue-delay-us", "500"])):
-        server = Server("facile,deepcalo", *extra)
+        server = FallbackServer(["facile", "deepcalo"], extra).start()
         try:
             for name, batch in THROUGHPUT:
                 for clients in CLIENTS:

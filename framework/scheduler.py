@@ -129,14 +129,6 @@ class EventRun:
 
 
 @dataclass
-class EventOutcome:
-    index: int
-    event_id: str
-    status: str          # accepted | rejected | failed
-    error: dict | None = None
-
-
-@dataclass
 class JobStatus:
     """What the scheduler knows at the end (or at any moment, for progress)."""
 
