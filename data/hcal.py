@@ -270,10 +270,8 @@ def facile_inputs(digis) -> np.ndarray:
     order), a structured NumPy array or a dict of per-channel arrays.
     """
     columns = [_field(digis, name) for name in FACILE_INPUTS]
-    out = np.empty((len(columns[0]), len(FACILE_INPUTS)), dtype=np.float32)
-    for i, column in enumerate(columns):
-        out[:, i] = column
-    return out
+    # contiguous rows, then one transposing copy: faster than 15 strided column writes
+    return np.ascontiguousarray(np.array(columns, dtype=np.float32).T)
 
 
 def simple_energy(digis) -> np.ndarray:

@@ -18,10 +18,10 @@ RECHIT_DTYPE = np.dtype([("ieta", "i2"), ("iphi", "i2"), ("depth", "i1"), ("ener
 def rechits(digis: np.ndarray, energy: np.ndarray, threshold: float) -> np.ndarray:
     """Rechits of the channels whose energy (GeV) is at least ``threshold``."""
     keep = energy >= threshold
-    hits = np.empty(int(keep.sum()), RECHIT_DTYPE)
+    hits = np.empty(int(np.count_nonzero(keep)), RECHIT_DTYPE)
     for field in ("ieta", "iphi", "depth"):
-        hits[field] = digis[field][keep]
-    hits["energy"] = energy[keep]
+        hits[field] = np.compress(keep, digis[field])      # faster than digis[field][keep]
+    hits["energy"] = np.compress(keep, energy)
     return hits
 
 

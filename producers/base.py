@@ -163,12 +163,15 @@ class SonicProducer(ExternalWorkProducer):
     def _give_back(self) -> None:
         client, self.sonic = self.sonic, None
         if client is not None:
-            self._timing = client.timing()
-            client.end_job()                     # releases it to its registry
+            try:
+                client.end_job()                 # releases it to its registry
+            finally:
+                self._timing = client.timing()   # with the server's time, read at end_job
 
     def report(self) -> dict | None:
         """The client's figures for the job report: calls, retries, failovers, bytes sent,
-        mean packing and round-trip times."""
+        mean packing and round-trip times and, for Triton clients, the server's queue and
+        compute time per event (:mod:`sonic_clients.server_stats`)."""
         timing = getattr(self, "_timing", None)
         if not timing:
             return None

@@ -26,6 +26,13 @@ and uses three calls:
   is split into several requests whose outputs are concatenated in order. Inputs that do not
   fit ``describe()`` raise :class:`ClientConfigError` from ``infer`` itself (no ``done``).
 
+  **Ragged inputs** (CMSSW's ``batchMode: Ragged``): for a model with a variable dimension
+  (``-1`` in its shape per row), an input may be given as a *list of entries*, one array per row
+  without the batch axis, whose shapes differ (every input then is such a list, all of the same
+  length). Entries of the same shapes travel together; each group of shapes is sent as its own
+  request(s), since one request carries one shape. ``done`` then gets, for each output, a list
+  of one array per entry (shape per row, no batch axis), in the entries' order.
+
 A failed request is retried (``tries`` per server), then tried on the next server that has the
 model, then fails with :class:`InferenceError` naming the model, the server(s), the attempts and
 the last gRPC status and message.
@@ -328,13 +335,23 @@ class ClientStats:
 
 # --- one infer() call, possibly several requests ---------------------------------------------
 
+def concatenate_parts(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The outputs of a call's chunks, rejoined in order (writeable arrays)."""
+    if len(parts) == 1:
+        return {n: a if a.flags.writeable else np.array(a) for n, a in parts[0].items()}
+    return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+
+
 class Call:
     """The requests of one ``infer`` call (one per chunk of at most ``max_batch_size`` rows):
-    collects their outputs in order and calls ``done`` exactly once."""
+    collects their outputs in order and calls ``done`` exactly once with ``assemble(parts)``
+    (by default the parts concatenated)."""
 
-    def __init__(self, client: SonicClient, done: Done, chunks: int):
+    def __init__(self, client: SonicClient, done: Done, chunks: int,
+                 assemble: Callable[[list], dict] = concatenate_parts):
         self.client = client
         self._done = done
+        self._assemble = assemble
         self._parts: list[dict | None] = [None] * chunks
         self._left = chunks
         self._lock = threading.Lock()
@@ -349,11 +366,12 @@ class Call:
             if self._left:
                 return
             self.finished = True
-        parts = self._parts
-        if len(parts) == 1:
-            result = {n: a if a.flags.writeable else np.array(a) for n, a in parts[0].items()}
-        else:
-            result = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+        try:
+            result = self._assemble(self._parts)
+        except Exception as exc:                     # outputs that do not fit together
+            self.client.stats.add(failures=1)
+            self._finish(None, exc)
+            return
         self._finish(result, None)
 
     def fail(self, error: BaseException) -> None:
@@ -481,6 +499,9 @@ class SonicClient:
         before returning. Inputs that do not fit the model raise :class:`ClientConfigError`."""
         if self._ended:
             raise SonicError(f"model '{self.config.model}': infer() after end_job()")
+        if any(isinstance(v, (list, tuple)) for v in inputs.values()):
+            self._infer_ragged(inputs, done)
+            return
         desc = self.description
         arrays = {}
         for name, value in inputs.items():
@@ -507,6 +528,57 @@ class SonicClient:
                   for i, start in enumerate(range(0, rows, step))]
         call = Call(self, done, len(chunks))
         self._submit(call, chunks)
+
+    def _infer_ragged(self, inputs: Mapping[str, Sequence], done: Done) -> None:
+        """``infer`` for lists of entries (see the module docstring): one group of requests per
+        distinct set of shapes; the outputs split back into one array per entry."""
+        model = f"model '{self.config.model}' ({self._where()})"
+        entries = {}
+        for name, value in inputs.items():
+            if not isinstance(value, (list, tuple)):
+                raise ClientConfigError(f"{model}: input '{name}' is one array while other "
+                                        "inputs are lists of entries; give every input as a "
+                                        "list of entries, or every input as one array")
+            entries[name] = [np.asarray(v) for v in value]
+        counts = {n: len(v) for n, v in entries.items()}
+        if len(set(counts.values())) > 1:
+            raise ClientConfigError(f"{model}: inputs have different numbers of entries "
+                                    f"{counts}")
+        total = next(iter(counts.values()), 0)
+        groups: dict[tuple, list[int]] = {}
+        for i in range(total):
+            shapes = tuple(entries[n][i].shape for n in entries)
+            if shapes not in groups:
+                try:
+                    self._check_tensors({n: (entries[n][i].shape, entries[n][i].dtype)
+                                         for n in entries})
+                except ClientConfigError as exc:
+                    raise ClientConfigError(f"{exc} [entry {i}]") from None
+            groups.setdefault(shapes, []).append(i)
+        self.stats.add(calls=1, rows=total)
+        if total == 0:
+            done({n: [] for n in self.description.outputs}, None)
+            return
+        step = self.description.max_batch_size
+        chunks, rows_of_chunk = [], []
+        for members in groups.values():
+            for start in range(0, len(members), step):
+                rows = members[start:start + step]
+                chunks.append((len(chunks), {n: np.stack([entries[n][i] for i in rows])
+                                             for n in entries}))
+                rows_of_chunk.append(rows)
+
+        def assemble(parts):
+            out = {}
+            for name in parts[0]:
+                per_entry = [None] * total
+                for rows, part in zip(rows_of_chunk, parts):
+                    for k, i in enumerate(rows):
+                        per_entry[i] = np.array(part[name][k])
+                out[name] = per_entry
+            return out
+
+        self._submit(Call(self, done, len(chunks), assemble), chunks)
 
     def _submit(self, call: Call, chunks: list[Chunk]) -> None:
         raise NotImplementedError

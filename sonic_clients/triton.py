@@ -47,6 +47,7 @@ from .base import (
     now,
     shutdown_pool,
 )
+from .server_stats import ModelStatistics, read_statistics, server_time
 
 #: gRPC statuses that another try cannot cure: the call fails at once.
 NOT_RETRYABLE = ("StatusCode.INVALID_ARGUMENT",)
@@ -249,6 +250,9 @@ class TritonClient(SonicClient):
         self._outputs = None
         self._pool: ThreadPoolExecutor | None = None
         self._compression = None if self.config.compression == "none" else self.config.compression
+        self._baselines: dict[Endpoint, ModelStatistics | None] = {}
+        self._baseline_lock = threading.Lock()
+        self._server_time: dict = {}
 
     # description ---------------------------------------------------------------------------
     def _fetch_description(self) -> ModelDescription:
@@ -386,6 +390,8 @@ class TritonClient(SonicClient):
 
     def _send_async_now(self, call: Call, index: int, arrays, route: _Route) -> None:
         ep = route.endpoint
+        if ep not in self._baselines:
+            self._take_baseline(ep)
         start = now()
         try:
             inputs, nbytes = self._inputs_for(arrays)
@@ -434,6 +440,8 @@ class TritonClient(SonicClient):
                 except Exception as exc:
                     call.fail(self._not_started(route, exc))
                     return
+                if ep not in self._baselines:
+                    self._take_baseline(ep)
                 start = now()
                 try:
                     inputs, nbytes = self._inputs_for(arrays)
@@ -455,10 +463,56 @@ class TritonClient(SonicClient):
                         call.fail(self._error(route))
                         return
 
+    # server-side time -----------------------------------------------------------------------
+    def _take_baseline(self, endpoint: Endpoint) -> None:
+        """Read the model's statistics on ``endpoint`` before this client's first request
+        there (see :mod:`sonic_clients.server_stats`)."""
+        with self._baseline_lock:
+            if endpoint in self._baselines:
+                return
+            try:
+                self._baselines[endpoint] = read_statistics(
+                    endpoint.grpc(), self.config.model, self.config.version,
+                    self.probe_timeout_s)
+            except Exception as exc:
+                status, message = status_of(exc)
+                LOG.info("model '%s': %s: no server statistics (%s: %s)", self.config.model,
+                         endpoint.label(), status, message)
+                self._baselines[endpoint] = None
+
+    def _collect_server_time(self) -> None:
+        deltas, missing = [], []
+        for endpoint, baseline in self._baselines.items():
+            try:
+                if baseline is None:
+                    raise RuntimeError("no statistics before the first request")
+                deltas.append(read_statistics(endpoint.grpc(), self.config.model,
+                                              self.config.version, self.probe_timeout_s)
+                              - baseline)
+            except Exception as exc:
+                missing.append(f"{endpoint.label()}: {status_of(exc)[1]}")
+        if not deltas:
+            return
+        counts = self.stats.snapshot()
+        self._server_time = server_time(deltas, calls=int(counts["calls"]),
+                                        requests=int(counts["requests"]),
+                                        rows=int(counts["rows"]))
+        if missing:
+            self._server_time["server_statistics_missing"] = missing
+
+    def timing(self) -> dict:
+        """The base counters, and the server-side figures of
+        :func:`~sonic_clients.server_stats.server_time` once the client has ended."""
+        values = super().timing()
+        values.update(self._server_time)
+        return values
+
     # lifecycle -----------------------------------------------------------------------------
     def _close(self) -> None:
         pool, self._pool = self._pool, None
         shutdown_pool(pool)
+        self._collect_server_time()
+        self._baselines.clear()
         for ep in self._owned:
             ep.close()
 

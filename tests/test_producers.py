@@ -214,3 +214,9 @@ def test_client_timing_is_in_the_job_report(triton_server):
     assert details["model"] == "facile" and details["calls"] == 4
     assert details["failures"] == 0 and details["mean_roundtrip_ms"] > 0
     assert details["bytes_sent"] >= 4 * 4500 * 15 * 4
+    # the server's own time, from its statistics: only this job's requests reached it
+    assert details["server_requests"] == details["requests"] and not details["server_shared"]
+    assert 1 <= details["server_executions"] <= details["requests"]
+    per_call_roundtrip = details["mean_roundtrip_ms"] * details["requests"] / details["calls"]
+    assert 0 < details["server_compute_ms_per_call"] < per_call_roundtrip
+    assert 0 <= details["server_queue_ms_per_call"] < per_call_roundtrip
