@@ -2,6 +2,9 @@
 
 Exit codes: 0 success; 2 configuration error; 3 input data error; 4 a module failed on an
 event (with ``on_error: stop``); 130 interrupted. 1 means a bug in recorun itself.
+
+Subcommands: ``recorun compare A.json B.json`` (:mod:`framework.compare`) and
+``recorun scale ...`` (:mod:`framework.scaling`).
 """
 from __future__ import annotations
 
@@ -10,13 +13,16 @@ import inspect
 import logging
 import sys
 
-from . import __version__
+from . import __version__, compare, scaling
 from .build import build_workflow
 from .config import load_workflow
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError, RecorunError
 from .process import run_job
 from .registry import GROUPS, PluginNotFound, available, load
 from .reports import resources_json, time_report, trig_report, write_json
+from .sonic_metrics import Nominal, sonic_report
+
+SUBCOMMANDS = {"compare": compare.main, "scale": scaling.main}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -39,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report-json", metavar="PATH", help="write the job report as JSON")
     p.add_argument("--resources-json", metavar="PATH",
                    help="write per-module times in FastTimerService's resources.json shape")
+    p.add_argument("--nominal", metavar="REPORT.json",
+                   help="the job report (--report-json) of the nominal workflow: X, the CPU "
+                        "time of the algorithm each SONIC module replaces (same label), for "
+                        "F_GPU^eq in the SonicReport (docs/METRICS.md)")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of every module call")
     p.add_argument("--check", action="store_true",
@@ -95,6 +105,9 @@ def _describe(name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
     cli = parser()
     args = cli.parse_args(argv)
     err = sys.stderr
@@ -110,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sync and (args.threads or 1, args.streams or 1) != (1, 1):
         cli.error("--sync runs one thread and one stream; it cannot go with -j or -s above 1")
     try:
+        nominal = Nominal.load(args.nominal) if args.nominal else None
         config = load_workflow(args.workflow, _overrides(args))
         built = build_workflow(config)
     except ConfigError as exc:
@@ -129,12 +143,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(config.endpaths)} end paths, {g.graph.number_of_edges()} product edges")
         return EXIT_OK
 
-    result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err)
+    result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err, nominal=nominal)
     report = result.report
     if not args.quiet:
         print(trig_report(report))
         print()
         print(time_report(report))
+        if "sonic" in report:
+            print()
+            print(sonic_report(report["sonic"]))
     if args.report_json:
         write_json(args.report_json, report)
     if args.resources_json:

@@ -21,6 +21,7 @@ from .module import OutputModule
 from .monitor import InFlight, Monitor
 from .reports import summarize
 from .scheduler import Scheduler
+from .sonic_metrics import Nominal, sonic_section
 from .trace import Tracer
 
 STOP_EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "input error": EXIT_INPUT,
@@ -123,7 +124,9 @@ def _not_processed(scheduler: Scheduler, source) -> str | None:
 
 
 def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
-            out=None) -> JobResult:
+            out=None, nominal: Nominal | None = None) -> JobResult:
+    """Run the job; its report has a ``sonic`` section when it has SONIC modules, with X taken
+    from the ``nominal`` job's report (see :mod:`framework.sonic_metrics`)."""
     out = out or sys.stderr
     options = built.config.process
     tracer = Tracer() if trace else None
@@ -164,6 +167,9 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
         exit_code = EXIT_OK
     report = summarize(scheduler, workflow=built.config.file, exit_code=exit_code,
                        not_processed=_not_processed(scheduler, built.source))
+    sonic = sonic_section(report["modules"], nominal)
+    if sonic:
+        report["sonic"] = sonic
     return JobResult(exit_code, report, scheduler, tracer, error)
 
 

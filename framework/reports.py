@@ -3,15 +3,19 @@
 ``summarize`` turns the scheduler's counters into one dictionary (the ``--report-json``
 content); the text reports and the FastTimerService-shaped ``resources.json`` are views of it.
 Times are milliseconds, means are per call (per event on which the module ran).
+``read_report`` reads such a file back (``recorun compare``, ``recorun --nominal``).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from .errors import InputError
 from .stats import merge
 
 NS_PER_MS = 1e6
+#: what ``read_report`` requires of each module of a report
+MODULE_KEYS = ("runs", "real_ms_mean", "cpu_ms_mean", "real_ms_total", "cpu_ms_total")
 
 
 def _mean(total_ns: int, count: int) -> float:
@@ -137,3 +141,39 @@ def resources_json(report: dict) -> dict:
 
 def write_json(path: str | Path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def _report_problem(report) -> str | None:
+    """What makes ``report`` not a job report as ``summarize`` writes it, or None."""
+    if not isinstance(report, dict):
+        return f"a JSON {type(report).__name__}, not an object"
+    for key in ("events", "modules"):
+        if not isinstance(report.get(key), dict):
+            return f"no '{key}' object"
+    for key in ("wall_s", "throughput_hz"):
+        if not isinstance(report.get(key), (int, float)):
+            return f"no number '{key}'"
+    if not isinstance(report["events"].get("read"), int):
+        return "no integer 'events.read'"
+    for label, module in report["modules"].items():
+        if not isinstance(module, dict) or not isinstance(module.get("type"), str):
+            return f"module '{label}' has no 'type'"
+        missing = [k for k in MODULE_KEYS if not isinstance(module.get(k), (int, float))]
+        if missing:
+            return f"module '{label}' has no number '{missing[0]}'"
+    return None
+
+
+def read_report(path: str | Path) -> dict:
+    """A job report written by ``--report-json``; InputError naming the file when it cannot
+    be read, is not JSON or is not a job report."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the report: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a JSON file: {exc}") from None
+    problem = _report_problem(report)
+    if problem:
+        raise InputError(f"{path}: not a recorun job report (--report-json): {problem}")
+    return report
