@@ -72,6 +72,10 @@ class Module(Configurable):
         """Called once per instance before the first event. Raise
         :class:`~framework.ConfigError` for a configuration found wrong here (exit code 2)."""
 
+    def post_begin_job(self) -> None:
+        """Called once per instance after every service's and module's ``begin_job``, before
+        the first event (CMSSW's postBeginJob): for work that needs all of them set up."""
+
     def end_job(self) -> None:
         """Called once per instance after the last event, also after a failure."""
 

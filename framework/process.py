@@ -86,6 +86,15 @@ def _begin_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> None:
             raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
                               label=worker.label, method="begin_job") from exc
         begun.append(module)
+    for worker, module in scheduler.all_instances():
+        try:
+            module.post_begin_job()
+        except ConfigError as exc:
+            exc.label = exc.label or worker.label
+            raise
+        except Exception as exc:
+            raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
+                              label=worker.label, method="post_begin_job") from exc
 
 
 def _end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> list[ModuleError]:

@@ -26,6 +26,8 @@ Life cycle
   model that no server provides); then ``validate(self.input_shapes())``: a tensor name, shape
   or dtype that does not fit the model stops the job before its first event, with an error
   naming the producer, the model and the tensor.
+* ``post_begin_job``: the registry's fallback server, if a model needs it, is started and
+  waited for.
 * ``acquire``: ``pack(event)`` then ``client.infer(inputs, done)``; the packing time is part
   of acquire in the framework's report (the paper's S). ``done`` (on whichever thread the
   client calls it) keeps the outputs for the event and calls ``holder.done(error)``; an error
@@ -124,8 +126,8 @@ class SonicProducer(ExternalWorkProducer):
 
     # the framework's calls --------------------------------------------------------------------
     def begin_job(self) -> None:
-        self.sonic = make_client(self.client_config, self.services)
         try:
+            self.sonic = make_client(self.client_config, self.services)
             self.sonic.begin_job()               # idempotent: make_client begins it already
             self.sonic.validate(self.input_shapes())
         except ClientConfigError as exc:
@@ -135,6 +137,15 @@ class SonicProducer(ExternalWorkProducer):
         except BaseException:
             self._give_back()
             raise
+
+    def post_begin_job(self) -> None:
+        """Start the local fallback server now if a model needs it (every producer has asked
+        for its client by now, so one server serves them all): its start-up then counts in
+        the job's set-up, not in the first event's time, and a server that cannot start stops
+        the job before its first event."""
+        registry = getattr(self.sonic, "registry", None)
+        if registry is not None:
+            registry.start_fallback(wait=True)
 
     def acquire(self, event, holder) -> None:
         index, event_id, model = event.index, event.id, self.model

@@ -308,10 +308,12 @@ _TRITON_DATATYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "in
 
 class ClientStats:
     """Thread-safe counters of one client. ``requests`` counts every request sent (tries
-    included); ``retries`` the repeats on the same server; ``failovers`` the moves to another
-    server; ``failures`` the calls that ended in an error."""
+    included), ``answers`` the successful ones (Triton clients); ``retries`` the repeats on
+    the same server; ``failovers`` the moves to another server; ``failures`` the calls that
+    ended in an error."""
 
-    COUNTERS = ("calls", "requests", "retries", "failovers", "failures", "rows", "bytes_sent")
+    COUNTERS = ("calls", "requests", "answers", "retries", "failovers", "failures", "rows",
+                "bytes_sent")
     SECONDS = ("pack_s", "roundtrip_s")
 
     def __init__(self):
@@ -602,7 +604,7 @@ class SonicClient:
 
     # counters ------------------------------------------------------------------------------
     def timing(self) -> dict:
-        """Counters and seconds: calls, requests, retries, failovers, failures, rows,
+        """Counters and seconds: calls, requests, answers, retries, failovers, failures, rows,
         bytes_sent, pack_s, roundtrip_s, mean_pack_ms, mean_roundtrip_ms."""
         values = self.stats.snapshot()
         values.update(model=self.config.model, mode=self.config.mode, client=self.kind)

@@ -49,24 +49,30 @@ class FallbackServerError(SonicError):
         self.log = log
 
 
-def _death_signal():
-    """A preexec function that asks Linux to SIGTERM the child when its parent thread dies,
-    or None where that is not available."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
+def _preexec(cpus: frozenset[int] | None = None):
+    """A preexec function that asks Linux to SIGTERM the child when its parent thread dies and,
+    with ``cpus``, pins the child (and so everything it starts) to those cores; None where
+    there is nothing to do."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
 
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-        prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                          ctypes.c_ulong]
-    except Exception:                                   # pragma: no cover
+            prctl = ctypes.CDLL(None, use_errno=True).prctl
+            prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                              ctypes.c_ulong]
+        except Exception:                               # pragma: no cover
+            prctl = None
+    if prctl is None and not cpus:
         return None
     PR_SET_PDEATHSIG = 1
     term = int(signal.SIGTERM)
 
     def preexec():                                       # runs in the child, after setsid
-        prctl(PR_SET_PDEATHSIG, term, 0, 0, 0)
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, term, 0, 0, 0)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
     return preexec
 
 
@@ -90,12 +96,16 @@ def group_alive(pgid: int) -> bool:
 
 class FallbackServer:
     """One local ``recorun-server`` for ``models``; ``options`` are extra recorun-server
-    arguments (e.g. ``["--instances", "2"]``)."""
+    arguments (e.g. ``["--instances", "2"]``); ``cpus`` pins the server and everything it
+    starts to those cores (Linux; benchmarks use it to keep the server off the clients' cores).
+    """
 
     def __init__(self, models: Sequence[str], options: Sequence[str] = (), *,
-                 ready_timeout_s: float = READY_TIMEOUT_S, python: str | None = None):
+                 ready_timeout_s: float = READY_TIMEOUT_S, python: str | None = None,
+                 cpus: Sequence[int] | None = None):
         if not models:
             raise ValueError("a fallback server needs at least one model")
+        self.cpus = frozenset(int(c) for c in cpus) if cpus else None
         self.models = tuple(models)
         self.options = tuple(str(o) for o in options)
         self.ready_timeout_s = float(ready_timeout_s)
@@ -169,7 +179,7 @@ class FallbackServer:
             with open(self.log_path, "w") as log:
                 self.process = subprocess.Popen(
                     self.command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=_death_signal())
+                    env=env, start_new_session=True, preexec_fn=_preexec(self.cpus))
             self.pid = self.process.pid
             with _RUNNING_LOCK:
                 _RUNNING.add(self)

@@ -72,7 +72,7 @@ def read_statistics(grpc_client, model: str, version: str, timeout_s: float
 def server_time(deltas: Iterable[ModelStatistics], *, calls: int, requests: int,
                 rows: int) -> dict:
     """Per-event server figures for the job report from the servers' counter differences and
-    this client's ``calls`` (events), successful ``requests`` and ``rows``:
+    this client's ``calls`` (events), answered ``requests`` and ``rows``:
     ``server_requests``, ``server_executions``, ``server_queue_ms_per_call``,
     ``server_compute_ms_per_call`` and ``server_shared``."""
     total = ModelStatistics()

@@ -27,6 +27,7 @@ inside ``infer``/``async_infer``, so the object is free again when that call ret
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -48,6 +49,9 @@ from .base import (
     shutdown_pool,
 )
 from .server_stats import ModelStatistics, read_statistics, server_time
+
+#: times the statistics are read at end_job until they count every answered request
+STATISTICS_READS = 6
 
 #: gRPC statuses that another try cannot cure: the call fails at once.
 NOT_RETRYABLE = ("StatusCode.INVALID_ARGUMENT",)
@@ -400,6 +404,7 @@ class TritonClient(SonicClient):
             def callback(result, error):
                 self.stats.add(roundtrip_s=now() - start)
                 if error is None:
+                    self.stats.add(answers=1)
                     try:
                         call.part_done(index, self._outputs_of(result))
                     except Exception as exc:          # a malformed answer
@@ -451,7 +456,7 @@ class TritonClient(SonicClient):
                         self.config.model, inputs, model_version=self.config.version,
                         outputs=self._outputs, client_timeout=self.config.timeout_s,
                         compression_algorithm=self._compression)
-                    self.stats.add(roundtrip_s=now() - start)
+                    self.stats.add(roundtrip_s=now() - start, answers=1)
                     call.part_done(index, self._outputs_of(result))
                     break
                 except Exception as exc:
@@ -481,21 +486,26 @@ class TritonClient(SonicClient):
                 self._baselines[endpoint] = None
 
     def _collect_server_time(self) -> None:
-        deltas, missing = [], []
-        for endpoint, baseline in self._baselines.items():
-            try:
-                if baseline is None:
-                    raise RuntimeError("no statistics before the first request")
-                deltas.append(read_statistics(endpoint.grpc(), self.config.model,
-                                              self.config.version, self.probe_timeout_s)
-                              - baseline)
-            except Exception as exc:
-                missing.append(f"{endpoint.label()}: {status_of(exc)[1]}")
+        counts = self.stats.snapshot()
+        for attempt in range(STATISTICS_READS):
+            deltas, missing = [], []
+            for endpoint, baseline in self._baselines.items():
+                try:
+                    if baseline is None:
+                        raise RuntimeError("no statistics before the first request")
+                    deltas.append(read_statistics(endpoint.grpc(), self.config.model,
+                                                  self.config.version, self.probe_timeout_s)
+                                  - baseline)
+                except Exception as exc:
+                    missing.append(f"{endpoint.label()}: {status_of(exc)[1]}")
+            # the server counts a request once its answer is out: the last ones may lag
+            if missing or sum(d.requests for d in deltas) >= counts["answers"]:
+                break
+            time.sleep(0.02 * (attempt + 1))
         if not deltas:
             return
-        counts = self.stats.snapshot()
         self._server_time = server_time(deltas, calls=int(counts["calls"]),
-                                        requests=int(counts["requests"]),
+                                        requests=int(counts["answers"]),
                                         rows=int(counts["rows"]))
         if missing:
             self._server_time["server_statistics_missing"] = missing
