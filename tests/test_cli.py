@@ -4,7 +4,9 @@ exit codes (0 ok, 3 input data error, 4 module failed on an event, 130 interrupt
 The CLI runs as a subprocess in ``tmp_path`` (the HLT workflow writes
 ``out/workflow_hlt_accepted.root`` relative to the working directory). Modules that inject faults
 or latency are written to ``tmp_path/cli_helpers.py`` (on PYTHONPATH) and named in YAML or with
-``--set`` as ``cli_helpers:ClassName``.
+``--set`` as ``cli_helpers:ClassName``. The HLT workflow's FACILE producer uses the session's
+Triton server, given with ``--set services.sonic={type: ServerRegistry, ...}`` (its own fallback
+server is tested in test_workflows.py).
 """
 from __future__ import annotations
 
@@ -103,9 +105,14 @@ class SlowExternalCalibrator(ExternalWorkProducer):
 '''
 
 
+SERVER: list[str] = []          # --set options that point the HLT at the session's server
+
+
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path, triton_server) -> Path:
     (tmp_path / "cli_helpers.py").write_text(HELPERS)
+    SERVER[:] = ["--set", "services.sonic={type: ServerRegistry, fallback: false, servers: "
+                 f"[{{name: session, address: '{triton_server.grpc}'}}]}}"]
     return tmp_path
 
 
@@ -115,7 +122,8 @@ def _env(cwd: Path) -> dict:
 
 
 def recorun(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "framework.cli", *map(str, args)], cwd=cwd,
+    args = [*map(str, args), *(SERVER if str(WORKFLOW) in map(str, args) else [])]
+    return subprocess.run([sys.executable, "-m", "framework.cli", *args], cwd=cwd,
                           env=_env(cwd), capture_output=True, text=True, timeout=timeout)
 
 
@@ -226,10 +234,12 @@ def test_check_validates_without_running(workdir):
 
 # products each module of workflow_hlt.yaml reads: (producer, consumer)
 PRODUCT_EDGES = {("source", "hcalRecHits"), ("hcalRecHits", "rawTowers"),
-                 ("rawTowers", "towers"), ("towers", "jets"), ("towers", "met"),
+                 ("rawTowers", "towers"), ("towers", "rho"), ("towers", "jets"),
+                 ("rho", "jets"), ("towers", "ak8Jets"), ("rho", "ak8Jets"), ("towers", "met"),
                  ("source", "electrons"), ("electrons", "electronFilter"),
-                 ("jets", "htFilter"), ("met", "metFilter"), ("jets", "summary"),
-                 ("met", "summary"), ("jets", "output"), ("met", "output"),
+                 ("jets", "htFilter"), ("ak8Jets", "ak8Filter"), ("met", "metFilter"),
+                 ("jets", "summary"), ("met", "summary"), ("jets", "output"),
+                 ("ak8Jets", "output"), ("rho", "output"), ("met", "output"),
                  ("electrons", "output"), ("hcalRecHits", "output")}
 
 
@@ -281,13 +291,13 @@ def test_max_events_limits_the_events_read(workdir):
 
 def test_set_threshold_makes_the_ht_path_accept_nothing(workdir):
     base = report_of(workdir, "-n", 30, name="base.json")
-    assert base["paths"]["HLT_HT1200"]["passed"] > 0
+    assert base["paths"]["HLT_HT600"]["passed"] > 0
     report = report_of(workdir, "-n", 30, "--set", "modules.htFilter.min_ht=100000")
-    ht = report["paths"]["HLT_HT1200"]
+    ht = report["paths"]["HLT_HT600"]
     assert (ht["visited"], ht["passed"], ht["rejected"]) == (30, 0, 30)
     assert report["modules"]["htFilter"]["passed"] == 0
     # the other paths do not change
-    for name in ("HLT_MET400", "HLT_Ele150", "HLT_MinBias"):
+    for name in ("HLT_MET400", "HLT_AK8Jet450", "HLT_Ele150", "HLT_MinBias"):
         assert report["paths"][name]["passed"] == base["paths"][name]["passed"]
     assert report["events"]["accepted"] < base["events"]["accepted"]
 
@@ -326,13 +336,13 @@ def test_module_error_exits_4_and_names_event_module_and_method(workdir):
     assert "Traceback" not in run.stderr, run.stderr
     err = run.stderr
     assert "module 'htFilter' (FailingHTFilter) failed in filter() on event 1:1:7" in err, err
-    assert "path 'HLT_HT1200'" in err and "ValueError: injected fault" in err, err
+    assert "path 'HLT_HT600'" in err and "ValueError: injected fault" in err, err
     report = json.loads((workdir / "r.json").read_text())
     assert report["exit_code"] == 4 and report["stop_reason"] == "module error"
     (failure,) = report["failed_events"]
     assert failure["event"] == "1:1:7" and failure["label"] == "htFilter"
     assert failure["module_type"] == "FailingHTFilter" and failure["method"] == "filter"
-    assert failure["path"] == "HLT_HT1200"
+    assert failure["path"] == "HLT_HT600"
     ev = report["events"]
     assert ev["failed"] == 1 and ev["read"] == 7
     assert ev["accepted"] + ev["rejected"] + ev["failed"] == ev["read"]
