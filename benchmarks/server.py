@@ -61,7 +61,8 @@ def triton_call(client, name: str, x: np.ndarray):
     return lambda: client.infer(name, [tensor], outputs=[output]).as_numpy(spec.outputs[0].name)
 
 
-def round_trips(server: FallbackServer, models: list[str], repeats: int, workdir: Path) -> list[dict]:
+def round_trips(server: FallbackServer, models: list[str], repeats: int,
+                workdir: Path) -> list[dict]:
     client = grpcclient.InferenceServerClient(server.grpc)
     runners = {}
     for name in models:
@@ -87,7 +88,8 @@ def round_trips(server: FallbackServer, models: list[str], repeats: int, workdir
     return results
 
 
-def throughput(server: FallbackServer, name: str, batch: int, clients: int, seconds: float) -> float:
+def throughput(server: FallbackServer, name: str, batch: int, clients: int,
+               seconds: float) -> float:
     x = example_input(SPECS[name], batch)
     done = [0] * clients
     stop = time.perf_counter() + seconds

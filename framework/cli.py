@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
                    help="the job report (--report-json) of the nominal workflow: X, the CPU "
                         "time of the algorithm each SONIC module replaces (same label), for "
                         "F_GPU^eq in the SonicReport (docs/METRICS.md)")
+    p.add_argument("--start-at", type=float, metavar="UNIX_TIME",
+                   help="after set-up, wait until this time (seconds since the epoch) before "
+                        "the first event: many jobs then process events together")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of every module call")
     p.add_argument("--check", action="store_true",
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(config.endpaths)} end paths, {g.graph.number_of_edges()} product edges")
         return EXIT_OK
 
-    result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err, nominal=nominal)
+    result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err, nominal=nominal,
+                     start_at=args.start_at)
     report = result.report
     if not args.quiet:
         print(trig_report(report))

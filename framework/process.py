@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from .build import BuiltWorkflow, build_workflow
@@ -132,10 +133,25 @@ def _not_processed(scheduler: Scheduler, source) -> str | None:
     return f"the source's events from index {status.read} on were not read"
 
 
+def _wait_until(start_at: float, scheduler: Scheduler, out, quiet: bool) -> None:
+    """Wait, after begin_job, until the wall-clock time ``start_at`` (Unix seconds) before the
+    first event, so that many jobs started at different moments process events together (as
+    the paper's client scans do); a Ctrl-C ends the wait."""
+    left = start_at - time.time()
+    if left <= 0:
+        return
+    if not quiet:
+        print(f"waiting {left:.1f} s for the common start time", file=out, flush=True)
+    while scheduler.status.stop_reason is None and time.time() < start_at:
+        time.sleep(min(0.05, max(0.0, start_at - time.time())))
+
+
 def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
-            out=None, nominal: Nominal | None = None) -> JobResult:
+            out=None, nominal: Nominal | None = None,
+            start_at: float | None = None) -> JobResult:
     """Run the job; its report has a ``sonic`` section when it has SONIC modules, with X taken
-    from the ``nominal`` job's report (see :mod:`framework.sonic_metrics`)."""
+    from the ``nominal`` job's report (see :mod:`framework.sonic_metrics`). With ``start_at``
+    (Unix seconds) the first event waits for that time (:func:`_wait_until`)."""
     out = out or sys.stderr
     options = built.config.process
     tracer = Tracer() if trace else None
@@ -156,6 +172,8 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
         monitor.start()
         try:
             with _Interrupts(scheduler, out):
+                if start_at is not None:
+                    _wait_until(start_at, scheduler, out, quiet)
                 scheduler.run()
         finally:
             monitor.stop()

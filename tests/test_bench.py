@@ -31,9 +31,10 @@ def assert_png(path: str | Path) -> None:
 
 
 def test_clients_scan_writes_json_and_plots(triton_server, tmp_path):
-    events = 4
+    events = 22                    # more than the sample's 20: its file is read twice over
     run = bench("clients", "--workflow", "workflows/workflow_facile.yaml", "--clients", "1,2",
-                "--events", str(events), "--server", triton_server.grpc, "--out", str(tmp_path))
+                "--events", str(events), "--server", triton_server.grpc, "--out", str(tmp_path),
+                "--start-delay", "4")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = last_json(run.stdout)
     data = json.loads(Path(summary["json"]).read_text())

@@ -408,3 +408,14 @@ def test_sigint_stops_the_job_exits_130_and_still_reports(workdir):
     # the stopped job's output keeps its temporary name
     assert not (workdir / "out/slow.root").exists()
     assert (workdir / "out/slow.root.partial").exists()
+
+
+def test_start_at_waits_after_set_up_and_before_the_first_event(workdir):
+    began = time.time()
+    run = ok(recorun(workdir, WORKFLOW, "-n", 5, "--start-at", f"{began + 6:.3f}",
+                     "--report-json", "r.json"))
+    assert time.time() - began >= 6
+    assert "for the common start time" in run.stderr
+    report = json.loads((workdir / "r.json").read_text())
+    assert report["events"]["read"] == 5
+    assert report["wall_s"] < 5            # the wait is not part of the event loop's time

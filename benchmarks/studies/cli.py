@@ -62,11 +62,11 @@ def _lean(point: dict) -> dict:
 
 
 def scan(workflow: Path, counts: list[int], events: int, servers: list[str], out: Path,
-         tag: str, client_cpus, threads: int = 1) -> list[dict]:
+         tag: str, client_cpus, start_delay_s: float | None = None) -> list[dict]:
     points = []
     for n in counts:
         results = run_clients(workflow, servers, n, events, out / "runs" / f"{tag}-{n}",
-                              threads=threads, cpus=client_cpus)
+                              cpus=client_cpus, start_delay_s=start_delay_s)
         point = summary(results)
         points.append(point)
         print(f"  {tag:<12} {n:>4} clients  {point['throughput_hz']:>9.2f} ev/s total  "
@@ -86,11 +86,11 @@ def study_clients(args) -> dict:
     with server(models, args.server, args.server_options, server_cpus) as servers:
         print(f"clients scan of {workflow} against {', '.join(servers) or 'in-process'}")
         points = scan(workflow, parse_list(args.clients), args.events, servers, args.out,
-                      "sonic", client_cpus)
+                      "sonic", client_cpus, args.start_delay)
     if args.nominal_workflow:
         ref = Path(args.nominal_workflow)
         nominal = summary(run_clients(ref, [], 1, args.events, args.out / "runs" / "nominal",
-                                      cpus=client_cpus))
+                                      cpus=client_cpus, start_delay_s=0))
         print(f"  nominal {ref.name}: {nominal['throughput_hz']:.2f} ev/s, median "
               f"{nominal['event_ms_median']:.1f} ms/event", flush=True)
     name = f"clients_{workflow.stem}"
@@ -132,7 +132,8 @@ def study_batching(args) -> dict:
         with server(["deepcalo"], [], options, server_cpus) as servers:
             print(f"deepcalo, dynamic batching {config}", flush=True)
             series[config] = scan(workflow, parse_list(args.clients), args.events, servers,
-                                  args.out, f"batching-{config}", client_cpus)
+                                  args.out, f"batching-{config}", client_cpus,
+                                  args.start_delay)
     figure = plots.throughput_vs_clients(
         {f"dynamic batching {c.replace('-', ', instances ')}": p for c, p in series.items()},
         args.out / "batching_throughput.png",
@@ -156,9 +157,9 @@ def study_hlt(args) -> dict:
     server_cpus, client_cpus = pinning(args.pin)
     with server(sonic_models(sonic), args.server, args.server_options, server_cpus) as servers:
         (s,) = run_clients(sonic, servers, 1, args.events, args.out / "runs" / "hlt-sonic",
-                           threads=args.threads, cpus=client_cpus)
+                           threads=args.threads, cpus=client_cpus, start_delay_s=0)
     (n,) = run_clients(nominal, [], 1, args.events, args.out / "runs" / "hlt-nominal",
-                       threads=args.threads, cpus=client_cpus)
+                       threads=args.threads, cpus=client_cpus, start_delay_s=0)
     hcal = args.hcal_module
 
     def figures(result, label):
@@ -257,6 +258,10 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("clients", help="throughput vs simultaneous single-thread clients")
     common(c, "workflow_facile.yaml")
     c.add_argument("--clients", default="1,2,4", help="client counts, e.g. 1,2,4,8")
+    c.add_argument("--start-delay", type=float, metavar="S",
+                   help="the clients' common start, S seconds after they are launched "
+                        "(default 6 + 2 per client: time to set up)")
+
     c.add_argument("--server", action="append", default=[], metavar="ADDR",
                    help="Triton server host:port (repeatable); none: a local recorun-server")
     c.add_argument("--server-options", nargs="*", default=[],
@@ -266,6 +271,10 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("batching", help="DeepCalo: dynamic batching off/on, 1 or 2 instances")
     common(b, "workflow_deepcalo.yaml")
     b.add_argument("--clients", default="1,2,4")
+    b.add_argument("--start-delay", type=float, metavar="S",
+                   help="the clients' common start, S seconds after they are launched "
+                        "(default 6 + 2 per client: time to set up)")
+
     b.add_argument("--configs", default=",".join(BATCHING_CONFIGS),
                    help=f"of {', '.join(BATCHING_CONFIGS)}")
     b.add_argument("--queue-delay-us", type=int, default=500)

@@ -78,13 +78,39 @@ def sonic_models(workflow: Path) -> list[str]:
     return models
 
 
-def client_workflow(workflow: Path, servers: Sequence[str], directory: Path) -> Path:
-    """A copy of ``workflow`` in ``directory`` whose ``${WORKFLOW_DIR}`` is the original's
-    and whose SONIC producers use ``servers`` (a ServerRegistry, no fallback)."""
+def _entries(source: dict) -> int:
+    """Entries in a RootSource's files (its tree, or each file's only TTree/RNTuple)."""
+    import glob
+
+    import uproot
+
+    patterns = source["files"] if isinstance(source["files"], list) else [source["files"]]
+    total = 0
+    for path in (p for pattern in patterns for p in sorted(glob.glob(pattern)) or [pattern]):
+        with uproot.open(path) as file:
+            name = source.get("tree") or next(
+                key for key, kind in file.classnames().items()
+                if kind == "TTree" or kind.endswith("RNTuple"))
+            total += file[name].num_entries
+    return total
+
+
+def client_workflow(workflow: Path, servers: Sequence[str], directory: Path,
+                    events: int | None = None) -> Path:
+    """A copy of ``workflow`` in ``directory`` whose ``${WORKFLOW_DIR}`` is the original's,
+    whose SONIC producers use ``servers`` (a ServerRegistry, no fallback) and, when a
+    RootSource has fewer than ``events`` entries, whose input files are read several times
+    over (event numbers then repeat)."""
     if not workflow.is_file():
         raise BadArgument(f"workflow file not found: {workflow}")
     text = workflow.read_text().replace(WORKFLOW_DIR, str(workflow.resolve().parent))
     raw = yaml.safe_load(text) or {}
+    source = raw.get("source") or {}
+    if events and source.get("type") == "RootSource":
+        have = _entries(source)
+        if 0 < have < events:
+            files = source["files"] if isinstance(source["files"], list) else [source["files"]]
+            source["files"] = files * -(-events // have)
     if servers:
         services = {k: v for k, v in (raw.get("services") or {}).items()
                     if not (isinstance(v, dict) and v.get("type") == "ServerRegistry")}
@@ -151,21 +177,26 @@ def _event_spans_ms(trace: Path) -> list[float]:
 
 def run_clients(workflow: Path, servers: Sequence[str], clients: int, events: int,
                 directory: Path, *, threads: int = 1, streams: int = 1,
-                cpus: Sequence[int] | None = None, timeout_s: float = 1800) -> list[ClientResult]:
-    """Run ``clients`` recorun processes of ``workflow`` at once; wait for all; raise
-    :class:`StudyError` with the failing client's log tail if any fails."""
+                cpus: Sequence[int] | None = None, timeout_s: float = 1800,
+                start_delay_s: float | None = None) -> list[ClientResult]:
+    """Run ``clients`` recorun processes of ``workflow`` at once, their first events at one
+    common time (``--start-at``, ``start_delay_s`` from now: by default enough for every
+    client to set up); wait for all; raise :class:`StudyError` with the failing client's log
+    tail if any fails."""
     import json
 
     if directory.exists():
         shutil.rmtree(directory)
     procs = []
     affinity = set(cpus) if cpus else None
+    delay = start_delay_s if start_delay_s is not None else 6.0 + 2.0 * clients
+    start_at = time.time() + delay
     for k in range(clients):
         cwd = directory / f"client{k}"
-        path = client_workflow(workflow, servers, cwd)
+        path = client_workflow(workflow, servers, cwd, events)
         command = [*recorun_command(), str(path), "-n", str(events), "-j", str(threads),
                    "-s", str(streams), "-q", "--report-json", "report.json",
-                   "--trace", "trace.json"]
+                   "--trace", "trace.json", "--start-at", f"{start_at:.3f}"]
         log = open(cwd / "recorun.log", "w")
         procs.append((cwd, log, subprocess.Popen(
             command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
