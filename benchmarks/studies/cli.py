@@ -250,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     def common(s, workflow):
         s.add_argument("--workflow", default=str(WORKFLOWS / workflow), help="SONIC workflow")
         s.add_argument("--events", type=int, default=100, help="events per client")
-        s.add_argument("--out", type=Path, default=Path("results"), help="output directory")
+        s.add_argument("--out", type=Path, default=Path("results"),
+                       help="output directory (the clients' own files go to OUT/runs/)")
         s.add_argument("--pin", action="store_true",
                        help="server on core 0, clients on the other cores (emulates a remote "
                             "server; without it they share every core)")
@@ -302,12 +303,13 @@ STUDIES = {"clients": study_clients, "batching": study_batching, "hlt": study_hl
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    for option in ("workflow", "nominal_workflow", "gpu_json"):
-        value = getattr(args, option, None)
-        if value and not Path(value).is_file():
-            print(f"recorun-bench {args.study}: --{option.replace('_', '-')} {value}: no such "
-                  "file", file=sys.stderr)
-            return 2
+    for option in ("workflow", "nominal_workflow", "gpu_json", "clients_json"):
+        values = getattr(args, option, None) or []
+        for value in [values] if isinstance(values, str) else values:
+            if not Path(value).is_file():
+                print(f"recorun-bench {args.study}: --{option.replace('_', '-')} {value}: no "
+                      "such file", file=sys.stderr)
+                return 2
     try:
         result = STUDIES[args.study](args)
     except StudyError as exc:

@@ -185,6 +185,7 @@ def run_clients(workflow: Path, servers: Sequence[str], clients: int, events: in
     tail if any fails."""
     import json
 
+    directory = directory.resolve()              # the clients run in their own directories
     if directory.exists():
         shutil.rmtree(directory)
     procs = []
