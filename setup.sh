@@ -3,6 +3,9 @@
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
+# nginx for the gRPC load balancer (recorun-balancer, tests/test_balancing.py): installed with
+# apt-get when it is missing and apt-get can be used, else a note saying how
+bash deploy/nginx/install-nginx.sh || true
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 if [ ! -x .venv/bin/python ]; then

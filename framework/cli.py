@@ -4,7 +4,8 @@ Exit codes: 0 success; 2 configuration error; 3 input data error; 4 a module fai
 event (with ``on_error: stop``); 130 interrupted. 1 means a bug in recorun itself.
 
 Subcommands: ``recorun compare A.json B.json`` (:mod:`framework.compare`) and
-``recorun scale ...`` (:mod:`framework.scaling`).
+``recorun scale ...`` (:mod:`framework.scaling`). ``--executor dask`` runs the workflow on a
+Dask cluster (:mod:`framework.farm`, docs/FARM.md).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import inspect
 import logging
 import sys
 
-from . import __version__, compare, scaling
+from . import __version__, compare, farm, scaling
 from .build import build_workflow
 from .config import load_workflow
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError, RecorunError
@@ -54,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
                         "the first event: many jobs then process events together")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of every module call")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics while the "
+                        "job runs (0: a free port, logged); adds the service "
+                        "services.prometheus (PrometheusExporter)")
     p.add_argument("--check", action="store_true",
                    help="validate the workflow and its graph, run nothing")
     p.add_argument("--dump-graph", metavar="PATH",
@@ -63,6 +68,20 @@ def parser() -> argparse.ArgumentParser:
                            help="no progress, no reports on the terminal; errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true",
                            help="also list every failed event and the graph's warnings")
+    dask = p.add_argument_group("on a Dask cluster (docs/FARM.md)")
+    dask.add_argument("--executor", choices=("local", "dask"), default="local",
+                      help="local: this process (default); dask: cut the input into chunks and "
+                           "run each on a Dask worker, then merge outputs and reports")
+    dask.add_argument("--scheduler-address", metavar="tcp://HOST:PORT",
+                      help="the Dask scheduler to use (default: start a local cluster)")
+    dask.add_argument("--local-workers", type=int, metavar="N",
+                      help="workers of the local Dask cluster (default: CPUs / threads)")
+    dask.add_argument("--chunk-size", type=int, metavar="N",
+                      help=f"entries per task, cut on the files' cluster boundaries "
+                           f"(default {farm.DEFAULT_CHUNK_SIZE})")
+    dask.add_argument("--resubmit", metavar="FAILED.json",
+                      help="run only the chunks that a farm run with failures left in this "
+                           "file (with its --set, then these), and merge with its done chunks")
     p.add_argument("--list", action="store_true",
                    help="list the registered module, source and service types")
     p.add_argument("--describe", metavar="TYPE",
@@ -80,7 +99,32 @@ def _overrides(args) -> list[str]:
             extra.append(f"{key}={value}")
     if args.sync:
         extra += ["process.threads=1", "process.streams=1", "process.synchronous=true"]
-    return list(args.overrides) + extra
+    metrics = ([f"services.prometheus={{type: PrometheusExporter, port: {args.metrics_port}}}"]
+               if args.metrics_port is not None else [])   # first: --set may then refine it
+    return metrics + list(args.overrides) + extra
+
+
+def _check_farm_options(cli, args) -> None:
+    given = [flag for flag, value in (("--scheduler-address", args.scheduler_address),
+                                      ("--local-workers", args.local_workers),
+                                      ("--chunk-size", args.chunk_size),
+                                      ("--resubmit", args.resubmit)) if value is not None]
+    if args.executor != "dask":
+        if given:
+            cli.error(f"{given[0]} goes with --executor dask")
+        return
+    if args.scheduler_address and args.local_workers is not None:
+        cli.error("--local-workers starts a local cluster; it cannot go with "
+                  "--scheduler-address")
+    for flag, value in (("--chunk-size", args.chunk_size), ("--local-workers",
+                                                            args.local_workers)):
+        if value is not None and value < 1:
+            cli.error(f"{flag} must be at least 1")
+    for flag, value in (("--trace", args.trace), ("--start-at", args.start_at),
+                        ("--metrics-port", getattr(args, "metrics_port", None))):
+        if value is not None:
+            cli.error(f"{flag} is not supported with --executor dask (each chunk is a job of "
+                      f"its own)")
 
 
 def _list_types() -> None:
@@ -125,9 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("a workflow file is required (or --list / --describe TYPE)")
     if args.sync and (args.threads or 1, args.streams or 1) != (1, 1):
         cli.error("--sync runs one thread and one stream; it cannot go with -j or -s above 1")
+    _check_farm_options(cli, args)
+    overrides = _overrides(args)
     try:
         nominal = Nominal.load(args.nominal) if args.nominal else None
-        config = load_workflow(args.workflow, _overrides(args))
+        resubmit = farm.Resubmission.load(args.resubmit) if args.resubmit else None
+        if resubmit is not None:
+            overrides = resubmit.overrides + overrides
+        config = load_workflow(args.workflow, overrides)
         built = build_workflow(config)
     except ConfigError as exc:
         err.write(f"recorun: configuration error: {exc}\n")
@@ -146,8 +195,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(config.endpaths)} end paths, {g.graph.number_of_edges()} product edges")
         return EXIT_OK
 
-    result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err, nominal=nominal,
-                     start_at=args.start_at)
+    if args.executor == "dask":
+        try:
+            result = farm.run_farm(built, farm.FarmOptions(
+                args.workflow, overrides, args.scheduler_address, args.local_workers,
+                args.chunk_size or farm.DEFAULT_CHUNK_SIZE, resubmit,
+                farm.resubmission_path(args.report_json)), quiet=args.quiet, out=err,
+                nominal=nominal)
+        except RecorunError as exc:
+            err.write(f"recorun: error: {exc}\n")
+            return exc.exit_code
+    else:
+        result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err,
+                         nominal=nominal, start_at=args.start_at)
     report = result.report
     if not args.quiet:
         print(trig_report(report))

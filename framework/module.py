@@ -84,6 +84,20 @@ class Module(Configurable):
         client's timing; asked once, after ``end_job``."""
         return None
 
+    def metrics(self) -> dict | None:
+        """Live figures for a metrics exporter (:mod:`framework.prometheus`), read at each
+        scrape from the exporter's own thread while the job runs, and after it::
+
+            {"labels": {"model": "facile"},                # besides the module's label
+             "counters": {"sonic_requests": 120, ...},     # only ever grow
+             "gauges": {"sonic_requests_in_flight": 2}}    # go up and down
+
+        Names become ``recorun_<name>_total`` (counters) and ``recorun_<name>`` (gauges),
+        labelled ``module`` and the ``labels``; the copies of a per-stream module are added
+        up. It must be cheap and thread-safe (read counters, do not compute); ``None`` (the
+        default): nothing to export."""
+        return None
+
 
 class Producer(Module):
     kind = "producer"
@@ -130,9 +144,22 @@ class OutputModule(Module):
     concurrency = Concurrency.SERIAL
     ordered: ClassVar[bool] = True
     job_complete = False
+    #: The parameter that names the file this output writes. A farm (``recorun --executor
+    #: dask``, :mod:`framework.farm`) points it at one part file per chunk of the input and
+    #: merges the parts with :meth:`merge`. None: this output cannot run on a farm.
+    output_file_param: ClassVar[str | None] = None
 
     def write(self, event) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define write(event)")
+
+    @classmethod
+    def merge(cls, parts: list[str], destination: str, **params: Any) -> None:
+        """Merge ``parts``, the files this output type wrote for consecutive chunks of one
+        job's input (in that order), into ``destination``, so that it reads like the file a
+        single job over all the chunks would have written. ``params`` are the module's
+        parameters in the workflow. A part may hold no event. Outputs that set
+        :attr:`output_file_param` implement it."""
+        raise NotImplementedError(f"{cls.__name__} cannot merge the files of a farm's chunks")
 
 
 class WaitingTaskHolder:

@@ -96,6 +96,8 @@ def _begin_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> None:
         except Exception as exc:
             raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
                               label=worker.label, method="post_begin_job") from exc
+    for service in built.services.values():
+        service.job_started(scheduler)
 
 
 def _end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> list[ModuleError]:
@@ -124,7 +126,10 @@ def _not_processed(scheduler: Scheduler, source) -> str | None:
     status = scheduler.status
     if status.stop_reason is None:
         return None
-    total = source.total_events()
+    try:
+        total = source.total_events()
+    except Exception:        # never opened: a service's begin_job failed before the source's
+        total = None
     if total is not None:
         left = total - status.read
         if left <= 0:

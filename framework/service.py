@@ -3,6 +3,10 @@
 Configured under ``services:`` in the workflow, registered in the entry-point group
 ``recorun.services``; modules find them in ``self.services[label]``. A service is shared by
 every thread: it must be thread-safe.
+
+Order of the calls: every service's ``begin_job``, then the modules' ``begin_job`` and
+``post_begin_job``, then every service's ``job_started(scheduler)``, the events, and at the end
+``end_job`` in the reverse order (modules first, then services).
 """
 from __future__ import annotations
 
@@ -13,6 +17,14 @@ class Service(Configurable):
 
     def begin_job(self) -> None:
         """Called before the modules' begin_job."""
+
+    def job_started(self, scheduler) -> None:
+        """Called once every service and module has begun, before the first event, with the
+        job's :class:`~framework.scheduler.Scheduler`: a service that watches the job (a
+        metrics exporter) may read, never change, its ``status`` (a
+        :class:`~framework.scheduler.JobStatus`) and its ``workers`` (each module label's
+        instances and per-stream :class:`~framework.stats.ModuleStats`), from any thread,
+        until its ``end_job``. Not called when the job failed to begin."""
 
     def end_job(self) -> None:
         """Called after the modules' end_job."""

@@ -20,6 +20,11 @@ Collection (records)                counter ``n<name>``
 (``format: rntuple``) stores every layout natively. The file is written as ``<file>.partial``
 and renamed to ``file`` only when the job processed every event; a job that stopped early
 leaves the ``.partial`` file and says so.
+
+On a farm (``recorun --executor dask``, :mod:`framework.farm`) each chunk of the input writes
+its own part file and :meth:`RootOutput.merge` concatenates the parts in chunk order: the
+same tree, branches (counters and NanoAOD-style collections rebuilt as written), entries and
+``recorun_shapes`` entry as one job's file.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ import awkward as ak
 import numpy as np
 import uproot
 
-from data.layout import flatten_inner, write_shapes
+from data.layout import flatten_inner, read_shapes, write_shapes
 from framework import Collection, InputTagList, OutputModule, Param
 from framework.params import ParamError
 
@@ -74,6 +79,37 @@ def _column(values: list, name: str):
     return array
 
 
+def _part_columns(tree, arrays, fmt: str) -> dict:
+    """One chunk of a part's entries as RootOutput handed it to uproot: for a TTree, the
+    counters ``nX`` dropped (uproot writes them again), ``X`` kept jagged and ``X_a``,
+    ``X_b``... counted by ``nX`` zipped back into the collection ``X``; flat columns as NumPy."""
+    columns: dict = {}
+    if fmt == "rntuple":
+        names = arrays.fields
+        for name in names:
+            columns[name] = arrays[name]
+    else:
+        counters = {b.count_branch.name for b in tree.branches
+                    if getattr(b, "count_branch", None) is not None}
+        for branch in tree.branches:
+            name = branch.name
+            if name in counters:
+                continue
+            counter = getattr(branch, "count_branch", None)
+            prefix = counter.name[1:] if counter is not None and counter.name.startswith("n") \
+                else None
+            if prefix and name != prefix and name.startswith(prefix + "_"):
+                columns.setdefault(prefix, {})[name[len(prefix) + 1:]] = arrays[name]
+            else:
+                columns[name] = arrays[name]
+    for name, column in columns.items():
+        if isinstance(column, dict):
+            columns[name] = ak.zip(column)
+        elif isinstance(column.layout, ak.contents.NumpyArray):
+            columns[name] = ak.to_numpy(column)
+    return columns
+
+
 class RootOutput(OutputModule):
     """Writes products of the selected events to a ROOT file (TTree or RNTuple)."""
 
@@ -84,6 +120,7 @@ class RootOutput(OutputModule):
     format = Param(str, "ttree", doc="ttree or rntuple", choices=("ttree", "rntuple"))
     compression = Param(str, "zstd:1", doc="zstd:N, lz4:N, zlib:N, lzma:N or none")
     flush_events = Param(int, 1000, doc="events buffered before they are written")
+    output_file_param = "file"
 
     def __init__(self, label="", **params):
         super().__init__(label, **params)
@@ -156,3 +193,42 @@ class RootOutput(OutputModule):
         else:
             log.warning("%s: the job stopped early; %d events were written to %s, which is not "
                         "complete", self.label, self.written, self._partial)
+
+    @classmethod
+    def merge(cls, parts, destination, **params):
+        """Concatenate the RootOutput files ``parts`` (consecutive chunks of one job's input,
+        in that order) into ``destination``: it reads like the file one job would have written
+        (tree, branch names and types, entries in order, the inner shapes of flattened
+        branches). Parts without the tree (no event selected in their chunk) add nothing.
+        Written as ``<destination>.partial`` and renamed when complete."""
+        tree_name = params.get("tree", "Events")
+        fmt = params.get("format", "ttree")
+        step = max(int(params.get("flush_events", 1000)), 1)
+        destination = Path(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        partial = destination.with_name(destination.name + ".partial")
+        shapes: dict[str, tuple] = {}
+        written = 0
+        with uproot.recreate(partial, compression=parse_compression(
+                params.get("compression", "zstd:1"))) as out:
+            merged = None
+            for part in parts:
+                with uproot.open(part) as source:
+                    shapes.update(read_shapes(source))
+                    if tree_name not in source:
+                        continue
+                    tree = source[tree_name]
+                    if tree.num_entries == 0:
+                        continue
+                    for arrays in tree.iterate(step_size=step, library="ak"):
+                        chunk = _part_columns(tree, arrays, fmt)
+                        if merged is None:
+                            types = {name: (c.type.content if isinstance(c, ak.Array)
+                                            else c.dtype) for name, c in chunk.items()}
+                            make = out.mktree if fmt == "ttree" else out.mkrntuple
+                            merged = make(tree_name, types)
+                        merged.extend(chunk)
+                        written += len(arrays)
+            write_shapes(out, shapes)
+        os.replace(partial, destination)
+        log.debug("merged %d parts (%d events) into %s", len(parts), written, destination)

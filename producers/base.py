@@ -55,7 +55,7 @@ import numpy as np
 from framework import ConfigError, Concurrency, ExternalWorkProducer, Param
 from framework.params import ParamError
 from sonic_clients import ClientConfig, ClientConfigError, make_client, parse_duration
-from sonic_clients.base import BACKENDS, CLIENTS, COMPRESSIONS, MODES
+from sonic_clients.base import BACKENDS, BALANCES, CLIENTS, COMPRESSIONS, MODES
 
 
 class SonicInferenceError(RuntimeError):
@@ -90,6 +90,9 @@ class SonicProducer(ExternalWorkProducer):
     tries = Param(int, 3, doc="attempts per server (1: no retry)")
     compression = Param(str, "none", choices=COMPRESSIONS, doc="gRPC compression")
     verbose = Param(bool, False, doc="log the model's description and the client's counters")
+    balance = Param(str, "", choices=("", *BALANCES),
+                    doc="how requests spread over the servers that serve the model: first, "
+                        "round_robin, least_outstanding; empty: the ServerRegistry's")
 
     def __init__(self, label: str = "", **params: Any):
         super().__init__(label, **params)
@@ -101,7 +104,8 @@ class SonicProducer(ExternalWorkProducer):
             self.client_config = ClientConfig(
                 model=self.model, version=self.version, server=self.server, mode=self.mode,
                 timeout_s=self.timeout, tries=self.tries, compression=self.compression,
-                client=self.client, backend=self.backend, verbose=self.verbose)
+                client=self.client, backend=self.backend, verbose=self.verbose,
+                balance=self.balance)
         except ClientConfigError as exc:
             text = str(exc)
             name = next((p for p in ("tries", "version", "server", "verbose") if f": {p}:" in
@@ -178,6 +182,26 @@ class SonicProducer(ExternalWorkProducer):
                 client.end_job()                 # releases it to its registry
             finally:
                 self._timing = client.timing()   # with the server's time, read at end_job
+
+    #: client counters exported by :meth:`metrics` as ``recorun_sonic_<name>_total``
+    METRIC_COUNTERS = ("calls", "requests", "retries", "failovers", "failures", "rows",
+                       "bytes_sent")
+
+    def metrics(self) -> dict | None:
+        """The client's counters, live (the framework's :meth:`Module.metrics` hook):
+        requests, retries, failovers, failures, calls, rows, bytes sent and round-trip
+        seconds as counters, the requests in flight as a gauge; labelled with the model."""
+        client = self.sonic
+        if client is not None:
+            values, in_flight = client.stats.snapshot(), client.stats.in_flight
+        else:                                    # before begin_job, or after end_job
+            values, in_flight = getattr(self, "_timing", None), 0
+            if not values:
+                return None
+        counters = {f"sonic_{name}": values.get(name, 0) for name in self.METRIC_COUNTERS}
+        counters["sonic_roundtrip_seconds"] = values.get("roundtrip_s", 0.0)
+        return {"labels": {"model": self.model}, "counters": counters,
+                "gauges": {"sonic_requests_in_flight": in_flight}}
 
     def report(self) -> dict | None:
         """The client's figures for the job report: calls, retries, failovers, bytes sent,

@@ -64,6 +64,7 @@ from .export import (
     preferred_sizes_for,
 )
 from .models import SPECS, ModelSpec
+from .processes import descendants
 
 LOG = logging.getLogger("recorun.server")
 
@@ -394,26 +395,6 @@ def _infer_function(model: PreparedModel, runner) -> Callable:
 
 # --- the server -------------------------------------------------------------------------------
 
-def _descendants(pid: int) -> list[int]:
-    """PIDs of the processes below ``pid`` (children first), from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def _libpython_path() -> str:
     """LD_LIBRARY_PATH with the running interpreter's LIBDIR first (pitfall 1)."""
     libdir = sysconfig.get_config_var("LIBDIR") or ""
@@ -521,7 +502,7 @@ class RecorunServer:
             if stopper.is_alive():               # a helper died under it (a Ctrl-C to the
                 LOG.warning("pytriton did not stop within %.0f s: killing the processes "
                             "it started", STOP_TIMEOUT_S)      # whole group): do not hang
-                for pid in _descendants(os.getpid()):
+                for pid in descendants(os.getpid()):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 stopper.join(5.0)

@@ -62,6 +62,9 @@ MODES = ("async", "sync", "pseudo-async")
 COMPRESSIONS = ("none", "deflate", "gzip")
 CLIENTS = ("triton", "inprocess")
 BACKENDS = ("onnxruntime", "torch")
+#: how a Triton client spreads its requests over the servers that serve its model
+#: (:mod:`sonic_clients.triton`); ``""`` in a :class:`ClientConfig` means the registry's choice
+BALANCES = ("first", "round_robin", "least_outstanding")
 
 Done = Callable[[dict | None, BaseException | None], None]
 
@@ -159,6 +162,9 @@ class ClientConfig:
     request (each try). ``tries`` is the number of attempts per server (1: no retry), as
     CMSSW's ``allowedTries``. ``server`` names the preferred server of the
     :class:`~sonic_clients.registry.ServerRegistry`. ``backend`` is for in-process clients only.
+    ``balance`` spreads the requests over the servers that serve the model (one of
+    :data:`BALANCES`; empty: the registry's ``balance``, ``first`` by default), see
+    :mod:`sonic_clients.triton`.
     """
 
     model: str
@@ -171,6 +177,7 @@ class ClientConfig:
     client: str = "triton"
     backend: str = "onnxruntime"
     verbose: bool = False
+    balance: str = ""
 
     def __post_init__(self):
         def bad(name, message):
@@ -188,7 +195,8 @@ class ClientConfig:
         if not isinstance(self.server, str):
             raise bad("server", f"expected a server name, got {self.server!r}")
         for name, allowed in (("mode", MODES), ("compression", COMPRESSIONS),
-                              ("client", CLIENTS), ("backend", BACKENDS)):
+                              ("client", CLIENTS), ("backend", BACKENDS),
+                              ("balance", ("", *BALANCES))):
             value = getattr(self, name)
             if value not in allowed:
                 near = difflib.get_close_matches(str(value), allowed, n=1)
@@ -310,7 +318,12 @@ class ClientStats:
     """Thread-safe counters of one client. ``requests`` counts every request sent (tries
     included), ``answers`` the successful ones (Triton clients); ``retries`` the repeats on
     the same server; ``failovers`` the moves to another server; ``failures`` the calls that
-    ended in an error."""
+    ended in an error.
+
+    ``in_flight`` is a gauge, not in :meth:`snapshot` (so not in the job report): the
+    requests (one per chunk of at most ``max_batch_size`` rows) sent or queued and neither
+    answered nor failed yet; a request being retried or failed over stays in flight. Kept by
+    :class:`Call`, for metrics exporters that read it while the job runs."""
 
     COUNTERS = ("calls", "requests", "answers", "retries", "failovers", "failures", "rows",
                 "bytes_sent")
@@ -320,6 +333,16 @@ class ClientStats:
         self._lock = threading.Lock()
         self._values: dict[str, float] = {k: 0 for k in self.COUNTERS}
         self._values.update({k: 0.0 for k in self.SECONDS})
+        self._in_flight = 0
+
+    def add_in_flight(self, amount: int) -> None:
+        with self._lock:
+            self._in_flight += amount
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._in_flight
 
     def add(self, **amounts: float) -> None:
         with self._lock:
@@ -358,6 +381,7 @@ class Call:
         self._left = chunks
         self._lock = threading.Lock()
         self.finished = False
+        client.stats.add_in_flight(chunks)
 
     def part_done(self, index: int, outputs: dict[str, np.ndarray]) -> None:
         with self._lock:
@@ -365,6 +389,7 @@ class Call:
                 return
             self._parts[index] = outputs
             self._left -= 1
+            self.client.stats.add_in_flight(-1)
             if self._left:
                 return
             self.finished = True
@@ -377,12 +402,21 @@ class Call:
         self._finish(result, None)
 
     def fail(self, error: BaseException) -> None:
-        with self._lock:
-            if self.finished:
-                return
-            self.finished = True
+        if not self.abandon():
+            return
         self.client.stats.add(failures=1)
         self._finish(None, error)
+
+    def abandon(self) -> bool:
+        """Finish without ``done`` (its requests leave the in-flight count); False when the
+        call had finished already."""
+        with self._lock:
+            if self.finished:
+                return False
+            self.finished = True
+            left, self._left = self._left, 0
+        self.client.stats.add_in_flight(-left)
+        return True
 
     def _finish(self, outputs, error) -> None:
         try:
@@ -529,7 +563,11 @@ class SonicClient:
         chunks = [(i, {n: a[start:start + step] for n, a in arrays.items()})
                   for i, start in enumerate(range(0, rows, step))]
         call = Call(self, done, len(chunks))
-        self._submit(call, chunks)
+        try:
+            self._submit(call, chunks)
+        except BaseException:
+            call.abandon()
+            raise
 
     def _infer_ragged(self, inputs: Mapping[str, Sequence], done: Done) -> None:
         """``infer`` for lists of entries (see the module docstring): one group of requests per
@@ -580,7 +618,12 @@ class SonicClient:
                 out[name] = per_entry
             return out
 
-        self._submit(Call(self, done, len(chunks), assemble), chunks)
+        call = Call(self, done, len(chunks), assemble)
+        try:
+            self._submit(call, chunks)
+        except BaseException:
+            call.abandon()
+            raise
 
     def _submit(self, call: Call, chunks: list[Chunk]) -> None:
         raise NotImplementedError

@@ -32,6 +32,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from server.processes import child_preexec, group_alive, kill_group
+
 from .base import LOG, SonicError
 
 READY_TIMEOUT_S = 180.0
@@ -49,49 +51,11 @@ class FallbackServerError(SonicError):
         self.log = log
 
 
-def _preexec(cpus: frozenset[int] | None = None):
-    """A preexec function that asks Linux to SIGTERM the child when its parent thread dies and,
-    with ``cpus``, pins the child (and so everything it starts) to those cores; None where
-    there is nothing to do."""
-    prctl = None
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            prctl = ctypes.CDLL(None, use_errno=True).prctl
-            prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
-                              ctypes.c_ulong]
-        except Exception:                               # pragma: no cover
-            prctl = None
-    if prctl is None and not cpus:
-        return None
-    PR_SET_PDEATHSIG = 1
-    term = int(signal.SIGTERM)
-
-    def preexec():                                       # runs in the child, after setsid
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, term, 0, 0, 0)
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-    return preexec
-
-
 def _project_root() -> str | None:
     spec = importlib.util.find_spec("server")
     if spec is None or not spec.submodule_search_locations:
         return None
     return str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
-
-
-def group_alive(pgid: int) -> bool:
-    """Does any process of process group ``pgid`` still exist?"""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class FallbackServer:
@@ -179,7 +143,7 @@ class FallbackServer:
             with open(self.log_path, "w") as log:
                 self.process = subprocess.Popen(
                     self.command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=_preexec(self.cpus))
+                    env=env, start_new_session=True, preexec_fn=child_preexec(self.cpus))
             self.pid = self.process.pid
             with _RUNNING_LOCK:
                 _RUNNING.add(self)
@@ -271,17 +235,7 @@ class FallbackServer:
         return self.exit_code
 
     def _kill_group(self) -> None:
-        process = self.process
-        if process is None:
-            return
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:                # pragma: no cover
-            pass
+        kill_group(self.process)
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
 

@@ -7,6 +7,7 @@
         servers:
           - {name: gpu1, address: "gpu1.example:8001"}
           - {name: gpu2, address: "gpu2.example:8001", ssl: true, root_certificates: ca.pem}
+        balance: round_robin           # or first (the default), least_outstanding
         fallback: true                 # serve models no server has with a local recorun-server
         fallback_options: ["--instances", "2"]
 
@@ -23,7 +24,10 @@ How a model is resolved (in ``client_for``):
    the registry asks per model, lazily, and caches the answers). The client gets every server
    that serves the model, the preferred one (``ClientConfig.server``) first; a server whose
    tensors differ from the first one's is skipped with a warning.
-3. A model that no configured server provides goes to the local **fallback server**
+3. The client spreads its requests over those servers by its ``balance`` (the producer's
+   ``balance`` parameter, else the registry's; see :mod:`sonic_clients.triton`): ``first``
+   (the preferred server, the others on failover), ``round_robin`` or ``least_outstanding``.
+4. A model that no configured server provides goes to the local **fallback server**
    (:class:`~sonic_clients.fallback.FallbackServer`), unless ``fallback: false`` (then
    ``client_for`` raises :class:`~sonic_clients.base.ClientConfigError` saying which servers
    were asked and what each said).
@@ -52,6 +56,7 @@ from framework.params import Param, ParamError
 from framework.service import Service
 
 from .base import (
+    BALANCES,
     LOG,
     ClientConfig,
     ClientConfigError,
@@ -161,6 +166,11 @@ class ServerRegistry(Service):
 
     servers = Param(list[dict], [], doc="Triton servers: each {name, address 'host:port', ssl "
                     "(default false), root_certificates, private_key, certificate_chain}")
+    balance = Param(str, "first", choices=BALANCES,
+                    doc="how clients spread requests over the servers that serve their model: "
+                        "first (the preferred server, the others on failover), round_robin, "
+                        "least_outstanding (fewest requests in flight from this process); a "
+                        "producer's own 'balance' parameter overrides it")
     fallback = Param(bool, True, doc="serve models that no server provides with a local "
                      "recorun-server started and stopped by recorun")
     fallback_options = Param(list[str], [], doc="extra recorun-server arguments for the "
@@ -353,9 +363,9 @@ class ServerRegistry(Service):
                 LOG.warning("ServerRegistry: no configured server serves model '%s' (%s); the "
                             "local fallback server will", config.model, where)
             return TritonClient(config, [self._fallback_endpoint(config)],
-                                probe_timeout_s=self.probe_timeout_s)
+                                probe_timeout_s=self.probe_timeout_s, balance=self.balance)
         return TritonClient(config, chosen, description=description,
-                            probe_timeout_s=self.probe_timeout_s)
+                            probe_timeout_s=self.probe_timeout_s, balance=self.balance)
 
     # fallback ------------------------------------------------------------------------------
     def _fallback_endpoint(self, config: ClientConfig) -> FallbackEndpoint:
@@ -431,7 +441,9 @@ class ServerRegistry(Service):
         with self._lock:
             return {
                 "servers": [{"name": ep.name, "address": ep.address, "live": ep.live,
-                             "problem": ep.problem} for ep in self._endpoints],
+                             "problem": ep.problem, "in_flight": ep.in_flight()}
+                            for ep in self._endpoints],
+                "balance": self.balance,
                 "fallback_models": list(self._fallback_models),
                 "fallback_servers": [repr(launch.server) for launch in self._launches],
                 "clients": len(self._clients),

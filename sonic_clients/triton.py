@@ -17,8 +17,26 @@ as one request:
 Retries and failover: a request that fails (any gRPC status but ``INVALID_ARGUMENT``, which
 would fail anywhere) or times out (``DEADLINE_EXCEEDED``) is sent again to the same server up
 to ``tries`` times in all, then to the next server that has the model (``tries`` again), then
-the call fails with :class:`~sonic_clients.base.InferenceError`. A server that exhausted its
-tries moves to the back of this client's order, so later requests start with one that works.
+the call fails with :class:`~sonic_clients.base.InferenceError`. What happens to a server that
+exhausted its tries depends on the balancing policy (below): later requests start with one that
+works.
+
+Balancing (``ClientConfig.balance``, else the registry's ``balance``): which of the servers that
+serve the model a new request goes to first; the others follow in the request's order for
+failover. Every policy retries and fails over the same way.
+
+* ``first`` (the default): the preferred server (``ClientConfig.server``) first, the others
+  only on failover. A server that exhausted its tries moves to the back of the order.
+* ``round_robin``: each request starts at the next server in turn.
+* ``least_outstanding``: each request starts at the server with the fewest requests in flight
+  from this process (every client of every model counts: :meth:`Endpoint.in_flight`); ties
+  are taken in turn, so requests sent one at a time alternate too.
+
+With ``round_robin`` and ``least_outstanding`` a server that exhausted its tries is *down* for
+:data:`DOWN_S` seconds: requests start on the other servers meanwhile and reach it only last,
+on failover. Then it takes its turn again (a request finds out whether it is back); an answer
+from it clears it at once. The counters per server (requests sent, answers, failed attempts)
+are in ``timing()["per_server"]``.
 
 ``InferInput`` objects are reused: one per input name and thread (the request is serialized
 inside ``infer``/``async_infer``, so the object is free again when that call returns);
@@ -34,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .base import (
+    BALANCES,
     LOG,
     Attempt,
     Call,
@@ -55,6 +74,49 @@ STATISTICS_READS = 6
 
 #: gRPC statuses that another try cannot cure: the call fails at once.
 NOT_RETRYABLE = ("StatusCode.INVALID_ARGUMENT",)
+
+#: seconds a server that exhausted its tries is skipped by round_robin and least_outstanding
+DOWN_S = 5.0
+
+
+class _InFlight:
+    """Requests in flight from this process, per server address (all clients count)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+
+    def add(self, address: str, amount: int) -> None:
+        with self._lock:
+            left = self._counts.get(address, 0) + amount
+            if left:
+                self._counts[address] = left
+            else:
+                self._counts.pop(address, None)
+
+    def get(self, address: str) -> int:
+        with self._lock:
+            return self._counts.get(address, 0)
+
+
+_IN_FLIGHT = _InFlight()
+
+
+class _Flight:
+    """One request in flight to one server; ``end()`` (idempotent) when it is answered or
+    failed."""
+
+    __slots__ = ("address", "open")
+
+    def __init__(self, address: str):
+        self.address = address
+        self.open = True
+        _IN_FLIGHT.add(address, 1)
+
+    def end(self) -> None:
+        if self.open:
+            self.open = False
+            _IN_FLIGHT.add(self.address, -1)
 
 
 def _grpc():
@@ -116,6 +178,14 @@ class Endpoint:
                     self.address, verbose=self.verbose, ssl=self.ssl,
                     **{k: v for k, v in self.tls.items() if v})
             return self._client
+
+    def in_flight(self) -> int:
+        """Requests in flight from this process to this server, all clients together."""
+        return _IN_FLIGHT.get(self.address)
+
+    def flight(self) -> _Flight:
+        """Count one request in flight to this server until the token's ``end()``."""
+        return _Flight(self.address)
 
     def when_ready(self, fn: Callable[[BaseException | None], None]) -> None:
         fn(None)
@@ -234,8 +304,13 @@ class TritonClient(SonicClient):
     kind = "triton"
 
     def __init__(self, config: ClientConfig, endpoints: Sequence[Endpoint | str], *,
-                 description: ModelDescription | None = None, probe_timeout_s: float = 5.0):
+                 description: ModelDescription | None = None, probe_timeout_s: float = 5.0,
+                 balance: str = "first"):
         super().__init__(config)
+        self.balance = self.config.balance or balance or "first"
+        if self.balance not in BALANCES:
+            raise ClientConfigError(f"model '{self.config.model}': balance {self.balance!r} is "
+                                    f"not one of {list(BALANCES)}")
         if not endpoints:
             raise ClientConfigError(f"model '{self.config.model}': a TritonClient needs at "
                                     "least one server")
@@ -248,6 +323,10 @@ class TritonClient(SonicClient):
             resolved.append(ep)
         self.endpoints: list[Endpoint] = resolved
         self._order_lock = threading.Lock()
+        self._turn = 0                                   # round_robin / ties: next start
+        self._down_until: dict[Endpoint, float] = {}     # monotonic time a server is back
+        self._per_server: dict[str, dict[str, int]] = {}
+        self._per_server_lock = threading.Lock()
         self._given_description = description
         self.probe_timeout_s = probe_timeout_s
         self._local = threading.local()
@@ -301,7 +380,15 @@ class TritonClient(SonicClient):
     def describe(self) -> dict:
         out = super().describe()
         out["servers"] = self.servers()
+        out["balance"] = self.balance
         return out
+
+    def _count(self, endpoint: Endpoint, key: str) -> None:
+        """One more ``key`` (requests, answers, failed) for ``endpoint``."""
+        with self._per_server_lock:
+            counts = self._per_server.setdefault(
+                endpoint.name, {"requests": 0, "answers": 0, "failed": 0})
+            counts[key] += 1
 
     # requests ------------------------------------------------------------------------------
     def _inputs_for(self, arrays: dict[str, np.ndarray]):
@@ -326,21 +413,46 @@ class TritonClient(SonicClient):
         return {name: result.as_numpy(name) for name in self.description.outputs}
 
     def _route(self) -> _Route:
+        """The order of servers for a new request, by the balancing policy."""
         with self._order_lock:
-            return _Route(self.endpoints)
+            endpoints = list(self.endpoints)
+            if self.balance == "first" or len(endpoints) < 2:
+                return _Route(endpoints)
+            now_s = time.monotonic()
+            up = [ep for ep in endpoints if self._down_until.get(ep, 0.0) <= now_s]
+            down = sorted((ep for ep in endpoints if self._down_until.get(ep, 0.0) > now_s),
+                          key=self._down_until.__getitem__)
+            if up:
+                turn = self._turn % len(up)
+                self._turn += 1
+                up = up[turn:] + up[:turn]
+        if len(up) > 1 and self.balance == "least_outstanding":
+            up.sort(key=Endpoint.in_flight)          # stable: ties keep the turn's order
+        return _Route(up + down)
 
     def _demote(self, endpoint: Endpoint) -> None:
-        """Move a server that exhausted its tries to the back of the order."""
+        """A server exhausted its tries: ``first`` moves it to the back of the order, the
+        other policies skip it for :data:`DOWN_S` seconds."""
         with self._order_lock:
-            if len(self.endpoints) > 1 and self.endpoints[0] is endpoint:
+            if self.balance != "first":
+                if len(self.endpoints) > 1:
+                    self._down_until[endpoint] = time.monotonic() + DOWN_S
+            elif len(self.endpoints) > 1 and self.endpoints[0] is endpoint:
                 self.endpoints.remove(endpoint)
                 self.endpoints.append(endpoint)
+
+    def _answered(self, endpoint: Endpoint) -> None:
+        self._count(endpoint, "answers")
+        if self._down_until:
+            with self._order_lock:
+                self._down_until.pop(endpoint, None)
 
     def _failed(self, route: _Route, error: BaseException) -> bool:
         """Record a failed attempt; True when the request should be sent again (to
         ``route.endpoint``), False when the call has failed."""
         ep = route.endpoint
         status, message = status_of(error)
+        self._count(ep, "failed")
         route.attempts.append(Attempt(ep.name, ep.address, status, message))
         route.tries_here += 1
         if status in NOT_RETRYABLE:
@@ -397,14 +509,17 @@ class TritonClient(SonicClient):
         if ep not in self._baselines:
             self._take_baseline(ep)
         start = now()
+        flight = None
         try:
             inputs, nbytes = self._inputs_for(arrays)
             packed = now()
 
             def callback(result, error):
+                flight.end()
                 self.stats.add(roundtrip_s=now() - start)
                 if error is None:
                     self.stats.add(answers=1)
+                    self._answered(ep)
                     try:
                         call.part_done(index, self._outputs_of(result))
                     except Exception as exc:          # a malformed answer
@@ -412,12 +527,17 @@ class TritonClient(SonicClient):
                     return
                 self._retry_async(call, index, arrays, route, error)
 
-            ep.grpc().async_infer(
+            grpc = ep.grpc()
+            flight = ep.flight()
+            self._count(ep, "requests")
+            grpc.async_infer(
                 self.config.model, inputs, callback, model_version=self.config.version,
                 outputs=self._outputs, client_timeout=self.config.timeout_s,
                 compression_algorithm=self._compression)
             self.stats.add(requests=1, bytes_sent=nbytes, pack_s=packed - start)
         except Exception as exc:                        # could not even send it
+            if flight is not None:
+                flight.end()
             self.stats.add(requests=1)
             self._retry_async(call, index, arrays, route, exc)
 
@@ -452,11 +572,18 @@ class TritonClient(SonicClient):
                     inputs, nbytes = self._inputs_for(arrays)
                     packed = now()
                     self.stats.add(requests=1, bytes_sent=nbytes, pack_s=packed - start)
-                    result = ep.grpc().infer(
-                        self.config.model, inputs, model_version=self.config.version,
-                        outputs=self._outputs, client_timeout=self.config.timeout_s,
-                        compression_algorithm=self._compression)
+                    grpc = ep.grpc()
+                    flight = ep.flight()
+                    self._count(ep, "requests")
+                    try:
+                        result = grpc.infer(
+                            self.config.model, inputs, model_version=self.config.version,
+                            outputs=self._outputs, client_timeout=self.config.timeout_s,
+                            compression_algorithm=self._compression)
+                    finally:
+                        flight.end()
                     self.stats.add(roundtrip_s=now() - start, answers=1)
+                    self._answered(ep)
                     call.part_done(index, self._outputs_of(result))
                     break
                 except Exception as exc:
@@ -515,6 +642,10 @@ class TritonClient(SonicClient):
         :func:`~sonic_clients.server_stats.server_time` once the client has ended."""
         values = super().timing()
         values.update(self._server_time)
+        values["balance"] = self.balance
+        with self._per_server_lock:
+            values["per_server"] = {name: dict(counts)
+                                    for name, counts in self._per_server.items()}
         return values
 
     # lifecycle -----------------------------------------------------------------------------

@@ -1,0 +1,319 @@
+"""``recorun --executor dask``: a workflow on a Dask cluster (framework/farm.py, docs/FARM.md).
+
+One ``LocalCluster`` of 2 worker processes (1 thread each, with nannies) serves the module; the
+farm runs call ``framework.cli.main`` in this process with ``--scheduler-address``. The
+workflow is the nominal HLT (CPU only) on the 100-event sample, cut into chunks of 25 entries;
+the reference is one single-process run of the same workflow. The fault and latency injection
+(``FaultInjectingAnalyzer``) is written to ``farm_faults.py`` in a temporary folder on the
+driver's and the workers' path, and added to the workflow's end path with ``--set``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import awkward as ak
+import numpy as np
+import pytest
+import uproot
+
+from data.layout import read_shapes
+from framework import Concurrency, Producer, farm, run_workflow
+from framework.build import build_workflow
+from framework.cli import main
+from framework.config import load_workflow
+from framework.errors import EXIT_MODULE
+
+REPO = Path(__file__).resolve().parents[1]
+WORKFLOW = str(REPO / "workflows" / "workflow_hlt_nominal.yaml")
+SAMPLE = REPO / "data" / "samples" / "hlt_sample.root"
+CHUNK = ["--chunk-size", "25"]
+
+FAULTS = '''
+"""Fault and latency injection for tests/test_farm.py."""
+import os
+import time
+import uuid
+from pathlib import Path
+
+from framework import Analyzer, Concurrency, Param
+
+
+class FaultInjectingAnalyzer(Analyzer):
+    """Fault injection: raises on event number ``fail_event`` (-1: never), leaving a file in
+    ``record`` for each time it does; injected latency: sleeps ``sleep_s`` per event."""
+
+    concurrency = Concurrency.SHARED
+    fail_event = Param(int, -1, doc="event number on which it raises (-1: none)")
+    sleep_s = Param(float, 0.0, doc="injected latency per event, s")
+    record = Param(str, "", doc="folder for a file per raised fault")
+
+    def analyze(self, event):
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if event.id.event == self.fail_event:
+            if self.record:
+                Path(self.record, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+            raise RuntimeError(f"injected fault on event {event.id.event}")
+'''
+
+
+def fault(**params) -> list[str]:
+    """--set options that add the FaultInjectingAnalyzer to the end path 'out'."""
+    values = ", ".join(f"{k}: {json.dumps(v)}" for k, v in params.items())
+    return ["--set", f"modules.fault={{type: 'farm_faults:FaultInjectingAnalyzer', {values}}}",
+            "--set", "endpaths.out=[output, fault]"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """(LocalCluster, Client); ``farm_faults`` importable here and on the workers."""
+    from distributed import Client, LocalCluster
+    helpers = tmp_path_factory.mktemp("farm_helpers")
+    (helpers / "farm_faults.py").write_text(FAULTS)
+    sys.path.insert(0, str(helpers))
+    old_pythonpath = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(helpers), old_pythonpath) if p)
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None)
+    client = Client(cluster)
+    try:
+        yield cluster, client
+    finally:
+        client.close()
+        cluster.close()
+        sys.path.remove(str(helpers))
+        if old_pythonpath is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_pythonpath
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The single-process run: (output file, report)."""
+    folder = tmp_path_factory.mktemp("single")
+    out, report = folder / "single.root", folder / "single.json"
+    assert main([WORKFLOW, "--set", f"modules.output.file={out}", "--report-json", str(report),
+                 "-q"]) == 0
+    return out, json.loads(report.read_text())
+
+
+def on_farm(cluster, *args: str) -> list[str]:
+    return [WORKFLOW, "--executor", "dask", "--scheduler-address",
+            cluster[0].scheduler_address, *args]
+
+
+def assert_same_file(merged: Path, single: Path) -> None:
+    """Every key, branch, type and value of the two ROOT files, and the layout metadata."""
+    with uproot.open(merged) as a, uproot.open(single) as b:
+        assert sorted(a.keys(cycle=False)) == sorted(b.keys(cycle=False))
+        assert read_shapes(a) == read_shapes(b)
+        ta, tb = a["Events"], b["Events"]
+        assert ta.num_entries == tb.num_entries > 0
+        assert ta.keys() == tb.keys()
+        assert ta.typenames() == tb.typenames()
+        names = tb.keys()
+        for name in names:
+            assert ak.array_equal(ta[name].array(), tb[name].array()), name
+
+
+def assert_same_counts(report: dict, single: dict, *, paths=None) -> None:
+    assert report["events"] == single["events"]
+    assert report["failed_events"] == single["failed_events"] == []
+    for name in paths or single["paths"]:
+        assert report["paths"][name] == single["paths"][name], name
+    for label, module in single["modules"].items():
+        for key in ("runs", "visited", "passed", "rejected", "errors", "type", "kind"):
+            assert report["modules"][label][key] == module[key], (label, key)
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+def test_split_entries_cuts_on_cluster_edges_near_the_target():
+    assert farm.split_entries(0, 100, [0, 100], 25) == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert farm.split_entries(0, 100, [0, 30, 60, 90, 100], 25) == [(0, 30), (30, 60),
+                                                                     (60, 90), (90, 100)]
+    assert farm.split_entries(10, 40, [0, 100], 1000) == [(10, 40)]
+    assert farm.split_entries(5, 5, [0, 100], 10) == []
+    pieces = farm.split_entries(0, 1000, range(0, 1001, 7), 100)
+    assert pieces[0][0] == 0 and pieces[-1][1] == 1000
+    assert all(a == b for (_, a), (b, _) in itertools.pairwise(pieces))
+    assert all(p[1] % 7 == 0 for p in pieces[:-1]) and all(50 <= b - a <= 150 for a, b in pieces)
+
+
+def test_plan_respects_skip_and_max_events_and_failures_travel():
+    config = load_workflow(WORKFLOW, ["source.skip=10", "process.max_events=60"])
+    chunks = farm.plan_chunks(build_workflow(config), 25)
+    assert [(c.start, c.stop, c.first_index) for c in chunks] == [(10, 35, 0), (35, 70, 25)]
+    error = pickle.loads(pickle.dumps(farm.ChunkFailed("boom", 3, "host:1")))
+    assert (str(error), error.exit_code, error.worker) == ("boom", 3, "host:1")
+
+
+def test_sonic_producer_without_servers_is_warned_about():
+    hlt = REPO / "workflows" / "workflow_hlt.yaml"
+    warnings = farm.farm_warnings(build_workflow(load_workflow(hlt)))
+    assert any("fallback" in w and "hcalRecHits" in w for w in warnings), warnings
+    registry = ("services.sonic={type: ServerRegistry, servers: [{name: gpu1, "
+                "address: 'gpu1.example:8001'}]}")
+    served = build_workflow(load_workflow(hlt, [registry]))
+    assert not [w for w in farm.farm_warnings(served) if "fallback" in w]
+
+
+def test_farm_options_need_the_dask_executor(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([WORKFLOW, "--chunk-size", "10"])
+    assert stop.value.code == 2 and "--executor dask" in capsys.readouterr().err
+
+
+class Layouts(Producer):
+    """Every layout RootOutput writes, from the event number: a number, a 1-D array, an
+    (n, 2, 2) array (flattened, with its shape in ``recorun_shapes``) and records."""
+
+    concurrency = Concurrency.SHARED
+    produces = ("x", "pt", "p4", "jets")
+
+    def produce(self, event):
+        number = event.id.event
+        n = number % 3
+        jets = np.zeros(n, dtype=[("pt", "f4"), ("eta", "f4")])
+        jets["pt"], jets["eta"] = number, -number
+        event.put(float(number), "x")
+        event.put(np.arange(n, dtype=np.float64) + number, "pt")
+        event.put(np.full((n, 2, 2), number, np.float32), "p4")
+        event.put(jets, "jets")
+
+
+def write_part(path: Path, first: int, count: int, fmt: str) -> str:
+    result = run_workflow({
+        "process": {"report_every_s": 0},
+        "source": {"type": "EmptySource", "count": count, "first_event": first},
+        "modules": {"layouts": {"type": Layouts},
+                    "output": {"type": "RootOutput", "file": str(path), "format": fmt,
+                               "products": ["layouts:x", "layouts:pt", "layouts:p4",
+                                            "layouts:jets"]}},
+        "endpaths": {"out": ["output"]}})
+    assert result.exit_code == 0 and path.is_file()
+    return str(path)
+
+
+@pytest.mark.parametrize("fmt", ["ttree", "rntuple"])
+def test_root_output_merge_reads_like_one_job(tmp_path, fmt):
+    from modules.root_output import RootOutput
+    single = write_part(tmp_path / "single.root", 1, 10, fmt)
+    parts = [write_part(tmp_path / name, first, count, fmt)     # the middle one: no event
+             for name, first, count in (("a.root", 1, 4), ("b.root", 5, 0), ("c.root", 5, 6))]
+    merged = tmp_path / "merged.root"
+    RootOutput.merge(parts, str(merged), format=fmt)
+    assert not Path(f"{merged}.partial").exists()
+    with uproot.open(merged) as a, uproot.open(single) as b:
+        assert sorted(a.keys(cycle=False)) == sorted(b.keys(cycle=False))
+        assert read_shapes(a) == read_shapes(b) == ({"layouts_p4": (2, 2)} if fmt == "ttree"
+                                                    else {})
+        ta, tb = a["Events"], b["Events"]
+        assert ta.num_entries == tb.num_entries == 10
+        assert ta.keys() == tb.keys()
+        merged_arrays, single_arrays = ta.arrays(), tb.arrays()
+        assert str(merged_arrays.type) == str(single_arrays.type)
+        assert ak.array_equal(merged_arrays, single_arrays)
+        if fmt == "ttree":
+            assert ta.typenames() == tb.typenames()
+
+
+# -- on the cluster ----------------------------------------------------------------------------
+
+def test_farm_output_and_report_equal_a_single_process_run(cluster, reference, tmp_path,
+                                                           capsys):
+    out, report_json = tmp_path / "farm.root", tmp_path / "farm.json"
+    code = main(on_farm(cluster, *CHUNK, "--set", f"modules.output.file={out}",
+                        "--report-json", str(report_json)))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads(report_json.read_text())
+    assert report["farm"]["chunks"] == report["farm"]["chunks_done"] == 4
+    assert report["exit_code"] == 0 and report["not_processed"] is None
+    assert_same_file(out, reference[0])
+    assert_same_counts(report, reference[1])
+    assert report["endpaths"] == reference[1]["endpaths"]
+    assert report["wall_s"] > 0 and report["throughput_hz"] > 0
+    assert "TrigReport Events total = 100" in captured.out and "TimeReport" in captured.out
+    assert captured.err.count(" done: ") == 4 and "4 of 4 chunks, 100 events" in captured.err
+    assert not Path(f"{out}.parts").exists()
+
+
+def test_a_killed_worker_loses_no_event(cluster, reference, tmp_path):
+    _, client = cluster
+    out, report_json = tmp_path / "farm.root", tmp_path / "farm.json"
+    args = on_farm(cluster, *CHUNK, *fault(sleep_s=0.03), "--set",
+                   f"modules.output.file={out}", "--report-json", str(report_json), "-q")
+    box: dict = {}
+    driver = threading.Thread(target=lambda: box.update(code=main(args)), daemon=True)
+    driver.start()
+    victim, deadline = None, time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline and driver.is_alive():
+        busy = [w for w, keys in client.processing().items()
+                if any("recorun-chunk" in str(k) for k in keys)]
+        if busy:
+            time.sleep(0.5)                    # well into the chunk's job
+            if busy[0] in [w for w, keys in client.processing().items() if keys]:
+                victim = busy[0]
+        else:
+            time.sleep(0.05)
+    assert victim is not None, "no chunk ran on a worker"
+    pid = client.run(os.getpid, workers=[victim])[victim]
+    assert pid != os.getpid()
+    os.kill(pid, signal.SIGKILL)
+    driver.join(120)
+    assert not driver.is_alive() and box["code"] == 0
+    report = json.loads(report_json.read_text())
+    assert report["farm"]["chunks_done"] == 4 and report["events"]["read"] == 100
+    assert_same_file(out, reference[0])
+    assert_same_counts(report, reference[1], paths=[p for p in reference[1]["paths"]])
+    deadline = time.monotonic() + 60
+    while len(client.nthreads()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)                        # the nanny starts the killed worker again
+    assert len(client.nthreads()) == 2 and victim not in client.nthreads()
+
+
+def test_a_chunk_failing_twice_is_listed_and_resubmit_completes_the_run(
+        cluster, reference, tmp_path, capsys):
+    event = int(uproot.open(SAMPLE)["Events"]["event"].array(library="np")[30])   # chunk 1
+    record = tmp_path / "faults"
+    record.mkdir()
+    out, report_json = tmp_path / "farm.root", tmp_path / "farm.json"
+    code = main(on_farm(cluster, *CHUNK, *fault(fail_event=event, record=str(record)),
+                        "--set", f"modules.output.file={out}", "--report-json",
+                        str(report_json)))
+    err = capsys.readouterr().err
+    assert code == EXIT_MODULE, err
+    assert len(list(record.iterdir())) == 2                 # run, then retried once
+    report = json.loads(report_json.read_text())
+    failed = report["farm"]["failed_chunks"]
+    assert [(f["chunk"], f["entries"], f["events"]) for f in failed] == [(1, [25, 50], 25)]
+    assert "injected fault" in failed[0]["error"] and failed[0]["exit_code"] == EXIT_MODULE
+    assert report["events"]["read"] == 75 and report["exit_code"] == EXIT_MODULE
+    assert "hlt_sample.root entries 25 to 49" in report["not_processed"]
+    assert "chunk 1" in err and "FAILED" in err and "entries 25 to 49" in err
+    assert not out.exists()
+    resubmission = Path(f"{report_json}.failed.json")
+    assert resubmission.is_file() and "--resubmit" in err
+    assert len(list(Path(f"{out}.parts").glob("chunk-*.root"))) == 3    # failed: .partial
+
+    report2_json = tmp_path / "farm2.json"
+    code = main(on_farm(cluster, "--resubmit", str(resubmission), "--set",
+                        "modules.fault.fail_event=-1", "--report-json", str(report2_json),
+                        "-q"))
+    assert code == 0, capsys.readouterr().err
+    report = json.loads(report2_json.read_text())
+    assert report["farm"]["chunks_run"] == 1 and report["farm"]["chunks_done"] == 4
+    assert report["farm"]["submissions"] == 2
+    assert_same_file(out, reference[0])
+    assert_same_counts(report, reference[1], paths=list(reference[1]["paths"]))
+    assert not Path(f"{out}.parts").exists()
