@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install recorun with its dependencies into it.
+# Create .venv (Python 3.11) and install recorun into it with every extra (server, jets, farm,
+# metrics, bench, test): what the workflows, the benchmarks and the tests need.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,6 +17,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade "pip>=23" "setuptools>=68" wheel
     # torch is pinned to the CPU build; installing it first keeps pip from choosing another.
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
-    .venv/bin/python -m pip install --quiet --no-build-isolation -e ".[test]"
+    .venv/bin/python -m pip install --quiet --no-build-isolation -e ".[all]"
     touch "$stamp"
 fi

@@ -5,7 +5,7 @@ server is) serves both:
 
 (a) bare: tritonclient.grpc ``async_infer``, one request in flight (send, wait for the
     callback, repeat), on FACILE input matrices of 4500 and 16000 rows built from generated
-    digis (``data.generate.generate_hcal_events``): mean and median time per request.
+    digis (``recorun.data.generate.generate_hcal_events``): mean and median time per request.
 (a') bare + conversions: the same loop, also building the input matrix from the digis
     (``facile_inputs``) and the rechits from the answer (``rechits``), the producer's own work.
 (b) recorun: EmptySource -> a producer putting the same digis (as Collections) for event i ->
@@ -30,23 +30,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data.generate import generate_hcal_events  # noqa: E402
-from data.hcal import facile_inputs  # noqa: E402
-from modules.hcal_reco import rechits  # noqa: E402
-from framework import Analyzer, Collection, Concurrency, InputTag, Param, Producer  # noqa: E402
-from framework import run_workflow  # noqa: E402
-from sonic_clients.fallback import FallbackServer  # noqa: E402
+from recorun.data.generate import generate_hcal_events  # noqa: E402
+from recorun.data.hcal import facile_inputs  # noqa: E402
+from recorun.modules.hcal_reco import rechits  # noqa: E402
+from recorun import Analyzer, Collection, Concurrency, InputTag, Param, Producer  # noqa: E402
+from recorun import run_workflow  # noqa: E402
+from recorun.sonic_clients.fallback import FallbackServer  # noqa: E402
 
 BATCHES = (4500, 16000)
 DISTINCT_EVENTS = 10            # distinct generated events per batch size, cycled

@@ -10,7 +10,7 @@
 (b) servers: ``--clients`` simultaneous single-thread FACILE offline clients
     (``recorun-bench clients`` machinery) against one ``recorun-server --threads 2`` and
     against two ``recorun-server --threads 1`` behind the nginx gRPC balancer
-    (``server.balancer.NginxBalancer``): the same CPU threads for inference in both.
+    (``recorun.server.balancer.NginxBalancer``): the same CPU threads for inference in both.
     ``two_servers_vs_one`` = events/s with two / with one.
 
 This machine has 2 cores: the two workers, the clients and the servers all share them, so
@@ -30,12 +30,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]          # recorun's folder: workflows, samples
 
-from benchmarks.studies.runs import run_clients, summary  # noqa: E402
-from server.balancer import NginxBalancer  # noqa: E402
-from sonic_clients.fallback import FallbackServer  # noqa: E402
+from recorun.benchmarks.studies.runs import run_clients, summary  # noqa: E402
+from recorun.server.balancer import NginxBalancer  # noqa: E402
+from recorun.sonic_clients.fallback import FallbackServer  # noqa: E402
 
 HLT_NOMINAL = ROOT / "workflows" / "workflow_hlt_nominal.yaml"
 HLT_SAMPLE = ROOT / "data" / "samples" / "hlt_sample.root"
@@ -45,7 +44,7 @@ FACILE = ROOT / "workflows" / "workflow_facile.yaml"
 def recorun(workdir: Path, *args: str) -> dict:
     """Run recorun in ``workdir``; its report."""
     report = workdir / "report.json"
-    command = [sys.executable, "-m", "framework.cli", str(HLT_NOMINAL), "-q",
+    command = [sys.executable, "-m", "recorun.framework.cli", str(HLT_NOMINAL), "-q",
                "--report-json", str(report), *args]
     run = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     if run.returncode != 0:

@@ -36,10 +36,32 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from server.models import SPECS  # noqa: E402
-from server.weights import load_model, origin  # noqa: E402
+def _recorun_from_this_tree() -> None:
+    """Make ``recorun.server`` importable where recorun is not installed: a GPU machine gets
+    the working tree and torch only. ``recorun`` is then this tree's ``recorun/`` with the
+    tree's folders as its subpackages, as an install maps them."""
+    try:
+        import recorun.server  # noqa: F401  (importable: nothing to do)
+        return
+    except ImportError:
+        pass
+    import importlib.util
+    from pathlib import Path
+
+    tree = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "recorun", tree / "recorun" / "__init__.py",
+        submodule_search_locations=[str(tree / "recorun"), str(tree)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["recorun"] = package
+    spec.loader.exec_module(package)
+
+
+_recorun_from_this_tree()
+
+from recorun.model_specs import SPECS  # noqa: E402
+from recorun.server.weights import load_model, origin  # noqa: E402
 
 
 PAPER = {"facile": "500 events/s (batch 16000) on one V100",

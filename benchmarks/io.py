@@ -6,7 +6,7 @@
 Two inputs are generated once into a temporary directory, and each is read two ways:
 
 **HLT events** (the primary figure, ``source_vs_uproot``): ``recorun-gen hlt`` (``python -m
-data.generate hlt PATH --events N --channels C``; defaults N = 300, C = 4500: HCAL digis and
+recorun.data.generate hlt PATH --events N --channels C``; defaults N = 300, C = 4500: HCAL digis and
 ECAL electrons per event, TTree, ZSTD(1), one basket per branch per ~48 MB generated: every
 142 events at 4500 channels). Only the HCAL digis are read: the NanoAOD-style collection
 ``HcalDigi`` (16 jagged branches ``HcalDigi_<field>``, fields ``ieta, iphi, depth, subdet,
@@ -75,14 +75,11 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
 import awkward as ak  # noqa: E402
 import numpy as np  # noqa: E402
 import uproot  # noqa: E402
 
-from framework import (Analyzer, Concurrency, InputTag, Param, Producer,  # noqa: E402
+from recorun import (Analyzer, Concurrency, InputTag, Param, Producer,  # noqa: E402
                        run_workflow)
 
 ID_BRANCHES = ["run", "luminosityBlock", "event"]
@@ -217,8 +214,8 @@ def generate(path: str, events: int) -> float:
 
 def generate_hlt(path: str, events: int, channels: int) -> float:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "data.generate", "hlt", path, "--events",
-                           str(events), "--channels", str(channels), "-q"], cwd=ROOT, check=False,
+    proc = subprocess.run([sys.executable, "-m", "recorun.data.generate", "hlt", path, "--events",
+                           str(events), "--channels", str(channels), "-q"], check=False,
                           capture_output=True, text=True)
     if proc.returncode != 0 or not os.path.exists(path):
         raise SystemExit(f"recorun-gen hlt failed ({proc.returncode}): {proc.stderr.strip()}")

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from framework import Analyzer, Concurrency, InputTag, Producer, run_workflow  # noqa: E402
+from recorun import Analyzer, Concurrency, InputTag, Producer, run_workflow  # noqa: E402
 
 
 class Increment(Producer):

@@ -20,16 +20,12 @@ import argparse
 import heapq
 import itertools
 import json
-import os
-import sys
 import threading
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from framework import (Concurrency, ExternalWorkProducer, Param, Producer,  # noqa: E402
+from recorun import (Concurrency, ExternalWorkProducer, Param, Producer,  # noqa: E402
                        run_workflow)
 
 
@@ -113,9 +109,9 @@ def run(remote_type, size: int, latency_ms: float, streams: int, events: int):
         "source": {"type": "EmptySource", "count": events},
         "modules": {"remote": {"type": remote_type, "latency_ms": latency_ms},
                     "cpu": {"type": CpuWork, "size": size},
-                    "useRemote": {"type": "modules.filters:MinimumFilter", "value": "remote",
+                    "useRemote": {"type": "recorun.modules.filters:MinimumFilter", "value": "remote",
                                   "minimum": 0.0},
-                    "useCpu": {"type": "modules.filters:MinimumFilter", "value": "cpu",
+                    "useCpu": {"type": "recorun.modules.filters:MinimumFilter", "value": "cpu",
                                "minimum": 0.0}},
         "paths": {"remote_path": ["useRemote"], "cpu_path": ["useCpu"]}})
     assert result.exit_code == 0 and result.report["events"]["accepted"] == events

@@ -21,22 +21,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 
-from server.export import example_input, export_onnx  # noqa: E402
-from server.models import SPECS  # noqa: E402
-from server.serve import OnnxRunner, default_threads  # noqa: E402
-from server.weights import load_model  # noqa: E402
-from sonic_clients.fallback import FallbackServer  # noqa: E402
+from recorun.server.export import example_input, export_onnx  # noqa: E402
+from recorun.model_specs import SPECS  # noqa: E402
+from recorun.server.serve import OnnxRunner, default_threads  # noqa: E402
+from recorun.server.weights import load_model  # noqa: E402
+from recorun.sonic_clients.fallback import FallbackServer  # noqa: E402
 
 ROUND_TRIPS = [("facile", 4500), ("facile", 16000), ("deepcalo", 5), ("deepcalo", 500),
                ("resnet50", 1), ("resnet50", 10)]

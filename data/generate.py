@@ -14,7 +14,7 @@ written in pieces hold the same events as one written at once.
 The same events, without a file: :func:`generate_hlt_events`, :func:`generate_hcal_events`,
 :func:`generate_electron_events`, :func:`generate_jet_events` return a dict of the arrays
 that are written (images as ``var * 4 * 56 * 11``; the TTree writer flattens them, see
-:mod:`data.layout`).
+:mod:`recorun.data.layout`).
 
 Exit codes: 0 written; 2 bad arguments (or OUT's directory missing); 1 failed while writing
 (no partial file is left); 130 interrupted.
@@ -30,8 +30,8 @@ import awkward as ak
 import numpy as np
 import uproot
 
-from data import ecal, hcal, jets
-from data.layout import flatten_inner, write_shapes
+from recorun.data import ecal, hcal, jets
+from recorun.data.layout import flatten_inner, write_shapes
 
 TREE = "Events"
 COMPRESSION = uproot.ZSTD(1)

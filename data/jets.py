@@ -27,7 +27,7 @@ from __future__ import annotations
 import awkward as ak
 import numpy as np
 
-from data.hcal import jagged_records
+from recorun.data.hcal import jagged_records
 
 STREAM = 3
 MT, GAMMA_T = 173.0, 1.42

@@ -1,22 +1,23 @@
-"""recorun's engine: events, modules, workflows, the scheduler and the reports.
+"""recorun's engine: events, modules, workflows, the scheduler, the reports and the hooks that
+plugins extend it by (:mod:`recorun.framework.hookspecs`).
 
-Module authors need only what this package exports.
+It imports nothing else of recorun. Module authors import what they need from ``recorun``
+itself (``from recorun import Producer, InputTag, Param``), which is this package's API.
 """
+from .. import __version__
 from .collection import Collection
 from .errors import ConfigError, InputError, ModuleError, ProductNotFound, RecorunError
 from .event import Event, EventID, TriggerResults
+from .hookspecs import hookimpl
 from .module import (Analyzer, Concurrency, ExternalWorkProducer, Filter, Module, OutputModule,
                      Producer, WaitingTaskHolder)
 from .params import InputTag, InputTagList, Param
-from .service import Service
-from .source import EmptySource, Source
 from .process import JobResult, run_workflow
-
-__version__ = "0.1.0"
+from .service import Service
+from .source import EmptySource, Source, SourceChunk
 
 __all__ = ["Analyzer", "Collection", "Concurrency", "ConfigError", "EmptySource", "Event", "EventID",
            "ExternalWorkProducer", "Filter", "InputError", "InputTag", "InputTagList", "JobResult",
-           "Module",
-           "ModuleError", "OutputModule", "Param", "ProductNotFound", "Producer", "RecorunError",
-           "Service", "Source", "TriggerResults", "WaitingTaskHolder", "__version__",
-           "run_workflow"]
+           "Module", "ModuleError", "OutputModule", "Param", "ProductNotFound", "Producer",
+           "RecorunError", "Service", "Source", "SourceChunk", "TriggerResults",
+           "WaitingTaskHolder", "__version__", "hookimpl", "run_workflow"]

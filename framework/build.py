@@ -1,6 +1,6 @@
 """From a parsed workflow to live objects: plugins loaded, parameters checked, graph built.
 
-Nothing here reads an event. Errors are :class:`~framework.errors.ConfigError` naming the
+Nothing here reads an event. Errors are :class:`~recorun.framework.errors.ConfigError` naming the
 workflow file, the label and the parameter.
 """
 from __future__ import annotations
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from .config import PluginSpec, WorkflowConfig
 from .errors import ConfigError
+from .extras import MissingExtra, check
 from .graph import ModuleGraph
 from .module import Module
 from .params import ParamError
@@ -39,6 +40,10 @@ def _instantiate(config: WorkflowConfig, spec: PluginSpec, kind: str, base: type
         raise ConfigError(str(exc), **where) from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"'{spec.type_name}' is not a {base.__name__} subclass", **where)
+    try:
+        check(cls.requires, f"{cls.__name__}")
+    except MissingExtra as exc:
+        raise ConfigError(str(exc), **where) from None
     try:
         if kind == "module":
             return cls(spec.label, **spec.params)

@@ -3,9 +3,9 @@
 Exit codes: 0 success; 2 configuration error; 3 input data error; 4 a module failed on an
 event (with ``on_error: stop``); 130 interrupted. 1 means a bug in recorun itself.
 
-Subcommands: ``recorun compare A.json B.json`` (:mod:`framework.compare`) and
-``recorun scale ...`` (:mod:`framework.scaling`). ``--executor dask`` runs the workflow on a
-Dask cluster (:mod:`framework.farm`, docs/FARM.md).
+The command line is extended by plugins (:mod:`recorun.framework.hookspecs`): their options
+(``--nominal``, ``--metrics-port``, the Dask farm's), executors (``--executor dask``), report
+sections and subcommands (``recorun compare``, ``recorun scale``).
 """
 from __future__ import annotations
 
@@ -14,19 +14,18 @@ import inspect
 import logging
 import sys
 
-from . import __version__, compare, farm, scaling
+from . import __version__
 from .build import build_workflow
 from .config import load_workflow
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError, RecorunError
-from .process import run_job
+from .executors import BUILTIN, JobRequest
+from .extras import installed
+from .hooks import hook, merged, plugin_manager
 from .registry import GROUPS, PluginNotFound, available, load
 from .reports import resources_json, time_report, trig_report, write_json
-from .sonic_metrics import Nominal, sonic_report
-
-SUBCOMMANDS = {"compare": compare.main, "scale": scaling.main}
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(executors: dict) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recorun", description="Run a recorun workflow (a YAML file of modules and paths).",
         epilog="exit codes: 0 ok, 2 configuration error, 3 input data error, "
@@ -46,19 +45,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--report-json", metavar="PATH", help="write the job report as JSON")
     p.add_argument("--resources-json", metavar="PATH",
                    help="write per-module times in FastTimerService's resources.json shape")
-    p.add_argument("--nominal", metavar="REPORT.json",
-                   help="the job report (--report-json) of the nominal workflow: X, the CPU "
-                        "time of the algorithm each SONIC module replaces (same label), for "
-                        "F_GPU^eq in the SonicReport (docs/METRICS.md)")
     p.add_argument("--start-at", type=float, metavar="UNIX_TIME",
                    help="after set-up, wait until this time (seconds since the epoch) before "
                         "the first event: many jobs then process events together")
     p.add_argument("--trace", metavar="PATH",
                    help="write a Chrome/Perfetto trace of every module call")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics while the "
-                        "job runs (0: a free port, logged); adds the service "
-                        "services.prometheus (PrometheusExporter)")
     p.add_argument("--check", action="store_true",
                    help="validate the workflow and its graph, run nothing")
     p.add_argument("--dump-graph", metavar="PATH",
@@ -68,25 +59,15 @@ def parser() -> argparse.ArgumentParser:
                            help="no progress, no reports on the terminal; errors only")
     verbosity.add_argument("-v", "--verbose", action="store_true",
                            help="also list every failed event and the graph's warnings")
-    dask = p.add_argument_group("on a Dask cluster (docs/FARM.md)")
-    dask.add_argument("--executor", choices=("local", "dask"), default="local",
-                      help="local: this process (default); dask: cut the input into chunks and "
-                           "run each on a Dask worker, then merge outputs and reports")
-    dask.add_argument("--scheduler-address", metavar="tcp://HOST:PORT",
-                      help="the Dask scheduler to use (default: start a local cluster)")
-    dask.add_argument("--local-workers", type=int, metavar="N",
-                      help="workers of the local Dask cluster (default: CPUs / threads)")
-    dask.add_argument("--chunk-size", type=int, metavar="N",
-                      help=f"entries per task, cut on the files' cluster boundaries "
-                           f"(default {farm.DEFAULT_CHUNK_SIZE})")
-    dask.add_argument("--resubmit", metavar="FAILED.json",
-                      help="run only the chunks that a farm run with failures left in this "
-                           "file (with its --set, then these), and merge with its done chunks")
+    p.add_argument("--executor", choices=sorted(executors), default="local",
+                   help="where the events are processed: local (this process, the default)"
+                        + "".join(f"; {name}" for name in sorted(executors) if name != "local"))
     p.add_argument("--list", action="store_true",
                    help="list the registered module, source and service types")
     p.add_argument("--describe", metavar="TYPE",
                    help="print a module (or source, service) type's docstring and parameters")
     p.add_argument("--version", action="version", version=f"recorun {__version__}")
+    hook().recorun_add_options(parser=p)
     return p
 
 
@@ -99,38 +80,18 @@ def _overrides(args) -> list[str]:
             extra.append(f"{key}={value}")
     if args.sync:
         extra += ["process.threads=1", "process.streams=1", "process.synchronous=true"]
-    metrics = ([f"services.prometheus={{type: PrometheusExporter, port: {args.metrics_port}}}"]
-               if args.metrics_port is not None else [])   # first: --set may then refine it
-    return metrics + list(args.overrides) + extra
+    from_plugins = [item for items in hook().recorun_workflow_overrides(options=args)
+                    for item in items or ()]             # first: --set may then refine them
+    return from_plugins + list(args.overrides) + extra
 
 
-def _check_farm_options(cli, args) -> None:
-    given = [flag for flag, value in (("--scheduler-address", args.scheduler_address),
-                                      ("--local-workers", args.local_workers),
-                                      ("--chunk-size", args.chunk_size),
-                                      ("--resubmit", args.resubmit)) if value is not None]
-    if args.executor != "dask":
-        if given:
-            cli.error(f"{given[0]} goes with --executor dask")
-        return
-    if args.scheduler_address and args.local_workers is not None:
-        cli.error("--local-workers starts a local cluster; it cannot go with "
-                  "--scheduler-address")
-    for flag, value in (("--chunk-size", args.chunk_size), ("--local-workers",
-                                                            args.local_workers)):
-        if value is not None and value < 1:
-            cli.error(f"{flag} must be at least 1")
-    for flag, value in (("--trace", args.trace), ("--start-at", args.start_at),
-                        ("--metrics-port", getattr(args, "metrics_port", None))):
-        if value is not None:
-            cli.error(f"{flag} is not supported with --executor dask (each chunk is a job of "
-                      f"its own)")
-
-
-def _list_types() -> None:
+def _list_types(executors: dict) -> None:
     for kind in GROUPS:
         names = available(kind)
         print(f"{kind} types ({GROUPS[kind]}): {', '.join(names) or 'none'}")
+    print(f"executors: {', '.join(sorted(executors))}")
+    plugins = [name.partition(":")[0] for name, _ in plugin_manager().list_name_plugin()]
+    print(f"plugins (recorun.plugins): {', '.join(sorted(plugins)) or 'none'}")
 
 
 def _describe(name: str) -> int:
@@ -144,6 +105,9 @@ def _describe(name: str) -> int:
         print(f"{name}: {kind} {cls.__module__}.{cls.__qualname__}")
         if cls.__doc__:
             print(inspect.cleandoc(cls.__doc__))
+        for package, install in cls.requires.items():
+            state = "installed" if installed(package) else "NOT installed"
+            print(f"  needs {package} ({state}; pip install '{install}')")
         for param in cls.parameters().values():
             print(f"  {param.describe()}")
         return EXIT_OK
@@ -153,15 +117,22 @@ def _describe(name: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBCOMMANDS:
-        return SUBCOMMANDS[argv[0]](argv[1:])
-    cli = parser()
-    args = cli.parse_args(argv)
     err = sys.stderr
+    try:
+        plugin_manager()
+        subcommands = merged(hook().recorun_subcommands())
+        executors = {**BUILTIN, **merged(hook().recorun_executors())}
+    except ConfigError as exc:
+        err.write(f"recorun: configuration error: {exc}\n")
+        return EXIT_CONFIG
+    if argv and argv[0] in subcommands:
+        return subcommands[argv[0]](argv[1:])
+    cli = parser(executors)
+    args = cli.parse_args(argv)
     logging.basicConfig(stream=err, format="%(message)s",
                         level=logging.WARNING if args.quiet else logging.INFO)
     if args.list:
-        _list_types()
+        _list_types(executors)
         return EXIT_OK
     if args.describe:
         return _describe(args.describe)
@@ -169,13 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("a workflow file is required (or --list / --describe TYPE)")
     if args.sync and (args.threads or 1, args.streams or 1) != (1, 1):
         cli.error("--sync runs one thread and one stream; it cannot go with -j or -s above 1")
-    _check_farm_options(cli, args)
-    overrides = _overrides(args)
     try:
-        nominal = Nominal.load(args.nominal) if args.nominal else None
-        resubmit = farm.Resubmission.load(args.resubmit) if args.resubmit else None
-        if resubmit is not None:
-            overrides = resubmit.overrides + overrides
+        hook().recorun_check_options(options=args)
+        overrides = _overrides(args)
         config = load_workflow(args.workflow, overrides)
         built = build_workflow(config)
     except ConfigError as exc:
@@ -195,27 +162,24 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(config.endpaths)} end paths, {g.graph.number_of_edges()} product edges")
         return EXIT_OK
 
-    if args.executor == "dask":
-        try:
-            result = farm.run_farm(built, farm.FarmOptions(
-                args.workflow, overrides, args.scheduler_address, args.local_workers,
-                args.chunk_size or farm.DEFAULT_CHUNK_SIZE, resubmit,
-                farm.resubmission_path(args.report_json)), quiet=args.quiet, out=err,
-                nominal=nominal)
-        except RecorunError as exc:
-            err.write(f"recorun: error: {exc}\n")
-            return exc.exit_code
-    else:
-        result = run_job(built, trace=bool(args.trace), quiet=args.quiet, out=err,
-                         nominal=nominal, start_at=args.start_at)
+    request = JobRequest(built, args.workflow, overrides, args, quiet=args.quiet, out=err)
+    try:
+        result = executors[args.executor]().run(request)
+    except ConfigError as exc:
+        err.write(f"recorun: configuration error: {exc}\n")
+        return EXIT_CONFIG
+    except RecorunError as exc:
+        err.write(f"recorun: error: {exc}\n")
+        return exc.exit_code
     report = result.report
     if not args.quiet:
         print(trig_report(report))
         print()
         print(time_report(report))
-        if "sonic" in report:
-            print()
-            print(sonic_report(report["sonic"]))
+        for text in hook().recorun_text_report(report=report):
+            if text:
+                print()
+                print(text)
     if args.report_json:
         write_json(args.report_json, report)
     if args.resources_json:

@@ -11,8 +11,8 @@ A workflow is a mapping with these keys (only ``source`` and ``modules`` are req
     endpaths:  {name: [label, ...]}     # outputs and analyzers, after the trigger paths
 
 This file only checks the shape of the YAML; module types and parameters are checked when the
-plugins are loaded (:mod:`framework.build`), the products and the graph in
-:mod:`framework.graph`. Every error names the file, and the label and key where there is one.
+plugins are loaded (:mod:`recorun.framework.build`), the products and the graph in
+:mod:`recorun.framework.graph`. Every error names the file, and the label and key where there is one.
 """
 from __future__ import annotations
 

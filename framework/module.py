@@ -12,7 +12,7 @@ OutputModule       ``write(event)``                            on end paths
 =================  ==========================================  ==============================
 
 Every module may define ``begin_job()`` and ``end_job()``. Parameters are declared with
-:class:`~framework.params.Param` / :class:`~framework.params.InputTag` class attributes and
+:class:`~recorun.framework.params.Param` / :class:`~recorun.framework.params.InputTag` class attributes and
 arrive as instance attributes. ``produces`` lists the product instance names a producer puts
 (``""`` is the default instance, tagged by the label alone).
 
@@ -85,7 +85,7 @@ class Module(Configurable):
         return None
 
     def metrics(self) -> dict | None:
-        """Live figures for a metrics exporter (:mod:`framework.prometheus`), read at each
+        """Live figures for a metrics exporter (:mod:`recorun.monitoring.prometheus`), read at each
         scrape from the exporter's own thread while the job runs, and after it::
 
             {"labels": {"model": "facile"},                # besides the module's label
@@ -145,7 +145,7 @@ class OutputModule(Module):
     ordered: ClassVar[bool] = True
     job_complete = False
     #: The parameter that names the file this output writes. A farm (``recorun --executor
-    #: dask``, :mod:`framework.farm`) points it at one part file per chunk of the input and
+    #: dask``, :mod:`recorun.farm.executor`) points it at one part file per chunk of the input and
     #: merges the parts with :meth:`merge`. None: this output cannot run on a farm.
     output_file_param: ClassVar[str | None] = None
 

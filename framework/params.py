@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import types
 import typing
-from typing import Any
+from typing import Any, ClassVar
 
 from .event import canonical_tag
 
@@ -194,7 +194,13 @@ def resolve_params(cls, given: dict[str, Any]) -> dict[str, Any]:
 
 
 class Configurable:
-    """Base of everything a workflow configures: declared parameters become attributes."""
+    """Base of everything a workflow configures: declared parameters become attributes.
+
+    ``requires`` names the packages beyond recorun's core that the type needs, as
+    ``{import name: what to install}`` (:mod:`recorun.framework.extras`): checked before the
+    workflow's first event."""
+
+    requires: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **params: Any):
         for name, value in resolve_params(type(self), params).items():

@@ -20,9 +20,9 @@ from .errors import (EXIT_CONFIG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODULE, EXI
                      ConfigError, InputError, ModuleError)
 from .module import OutputModule
 from .monitor import InFlight, Monitor
+from .hooks import report_sections
 from .reports import summarize
 from .scheduler import Scheduler
-from .sonic_metrics import Nominal, sonic_section
 from .trace import Tracer
 
 STOP_EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "input error": EXIT_INPUT,
@@ -152,15 +152,14 @@ def _wait_until(start_at: float, scheduler: Scheduler, out, quiet: bool) -> None
 
 
 def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
-            out=None, nominal: Nominal | None = None,
-            start_at: float | None = None) -> JobResult:
-    """Run the job; its report has a ``sonic`` section when it has SONIC modules, with X taken
-    from the ``nominal`` job's report (see :mod:`framework.sonic_metrics`). With ``start_at``
-    (Unix seconds) the first event waits for that time (:func:`_wait_until`)."""
+            out=None, start_at: float | None = None, options=None) -> JobResult:
+    """Run the job; its report gets the plugins' sections (``recorun_report_sections``, given
+    the command line's ``options``, or None). With ``start_at`` (Unix seconds) the first event
+    waits for that time (:func:`_wait_until`)."""
     out = out or sys.stderr
-    options = built.config.process
+    process = built.config.process
     tracer = Tracer() if trace else None
-    inflight = InFlight() if options.watchdog_s > 0 else None
+    inflight = InFlight() if process.watchdog_s > 0 else None
     scheduler = Scheduler(built, tracer=tracer, inflight=inflight)
     begun: list = []
     error: BaseException | None = None
@@ -171,8 +170,8 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
         scheduler.stop(next(r for kind, r in STOP_REASONS if isinstance(exc, kind)), exc)
     if error is None:
         monitor = Monitor(scheduler.status, total=built.source.total_events(),
-                          report_every_s=options.report_every_s,
-                          watchdog_s=options.watchdog_s, inflight=inflight, stream=out,
+                          report_every_s=process.report_every_s,
+                          watchdog_s=process.watchdog_s, inflight=inflight, stream=out,
                           quiet=quiet)
         monitor.start()
         try:
@@ -199,9 +198,7 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
         exit_code = EXIT_OK
     report = summarize(scheduler, workflow=built.config.file, exit_code=exit_code,
                        not_processed=_not_processed(scheduler, built.source))
-    sonic = sonic_section(report["modules"], nominal)
-    if sonic:
-        report["sonic"] = sonic
+    report.update(report_sections(report, options))
     return JobResult(exit_code, report, scheduler, tracer, error)
 
 

@@ -75,6 +75,8 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "endpaths": endpaths,
         "modules": {label: _module_entry(w, visited[label], w.copies)
                     for label, w in scheduler.workers.items()},
+        "services": {label: section for label, service in scheduler.built.services.items()
+                     if (section := service.report())},
         "wall_s": wall,
         "throughput_hz": status.done / wall,
         "threads": options.threads,

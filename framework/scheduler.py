@@ -34,7 +34,7 @@ external work right after ``acquire``: modules then run in one fixed order, for 
 Otherwise, even on one thread and one stream, other modules of the event run while the external
 work is out.
 
-Continuations never call each other directly: they go through :meth:`Executor.soon`, so no
+Continuations never call each other directly: they go through :meth:`ThreadPool.soon`, so no
 stack grows with the length of a path, whatever the module count.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ import networkx as nx
 from .build import BuiltWorkflow
 from .errors import InputError, ModuleError
 from .event import Event, ModuleEvent, TriggerResults
-from .executor import Executor, OrderedQueue, SerialQueue
+from .pool import OrderedQueue, SerialQueue, ThreadPool
 from .graph import TRIGGER_RESULTS
 from .module import Concurrency, ExternalWorkProducer, WaitingTaskHolder
 from .stats import ModuleStats, PathStats
@@ -155,13 +155,13 @@ class Scheduler:
         self.streams = self.options.streams
         self.sync = self.options.synchronous
         self.skip_failed = self.options.on_error == "skip_event"
-        self.executor = Executor(self.options.threads)
+        self.pool = ThreadPool(self.options.threads)
         self.tracer = tracer
         self.inflight = inflight
         self.status = JobStatus()
         self.lock = threading.Lock()
         self.finished = threading.Event()
-        self.source_queue = SerialQueue(self.executor)
+        self.source_queue = SerialQueue(self.pool)
         self._next_index = 0
         self._active_streams = self.streams
         self.workers: dict[str, Worker] = {}
@@ -186,9 +186,9 @@ class Scheduler:
             else:
                 copies = [node.module]
             if node.kind == "output" and getattr(node.module, "ordered", False):
-                queue = OrderedQueue(self.executor)
+                queue = OrderedQueue(self.pool)
             elif concurrency is Concurrency.SERIAL:
-                queue = SerialQueue(self.executor)
+                queue = SerialQueue(self.pool)
             else:
                 queue = None
             worker = Worker(index, node, copies, self.streams, queue)
@@ -209,11 +209,11 @@ class Scheduler:
     def run(self) -> JobStatus:
         """Process events until the source is exhausted or the job is stopped."""
         self.status.started = time.time()
-        self.executor.run(self._start_streams, self.finished)
+        self.pool.run(self._start_streams, self.finished)
         self.status.finished = time.time()
-        if self.executor.fatal is not None:
+        if self.pool.fatal is not None:
             raise RuntimeError("internal error in the scheduler:\n"
-                               + self.executor.fatal_traceback) from self.executor.fatal
+                               + self.pool.fatal_traceback) from self.pool.fatal
         return self.status
 
     def stop(self, reason: str, error: BaseException | None = None) -> None:
@@ -251,7 +251,7 @@ class Scheduler:
             self.status.read += 1
         event.stream = stream
         run = EventRun(event, stream, len(self.workers))
-        self.executor.soon(self._start_event, run)
+        self.pool.soon(self._start_event, run)
 
     def _start_event(self, run: EventRun) -> None:
         if not self.paths:
@@ -259,7 +259,7 @@ class Scheduler:
             return
         run.left = len(self.paths)
         for path in self.paths:
-            self.executor.soon(self._walk, run, path, 0, None)
+            self.pool.soon(self._walk, run, path, 0, None)
 
     def _after_paths(self, run: EventRun) -> None:
         run.event.put(TRIGGER_RESULTS, TriggerResults(dict(run.trigger)))
@@ -268,7 +268,7 @@ class Scheduler:
             return
         run.left = len(self.endpaths)
         for path in self.endpaths:
-            self.executor.soon(self._walk, run, path, 0, None)
+            self.pool.soon(self._walk, run, path, 0, None)
 
     def _sequence_done(self, run: EventRun, seq: Sequence, accepted: bool) -> None:
         with run.lock:
@@ -430,7 +430,7 @@ class Scheduler:
             state.result = result
             waiters, state.waiters = state.waiters, None
         for waiter in waiters:
-            self.executor.soon(waiter, result)
+            self.pool.soon(waiter, result)
 
     def _call(self, run, worker, state, method: str):
         """Call one module method, timed; return True/False or FAILED."""
@@ -522,7 +522,7 @@ class Scheduler:
         if holder.finished is not None:
             holder.finished.set()
         else:
-            self.executor.soon(self._produce, run, worker, state, holder)
+            self.pool.soon(self._produce, run, worker, state, holder)
 
     def _produce(self, run, worker, state, holder) -> None:
         if holder.error is not None:

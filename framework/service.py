@@ -20,11 +20,16 @@ class Service(Configurable):
 
     def job_started(self, scheduler) -> None:
         """Called once every service and module has begun, before the first event, with the
-        job's :class:`~framework.scheduler.Scheduler`: a service that watches the job (a
+        job's :class:`~recorun.framework.scheduler.Scheduler`: a service that watches the job (a
         metrics exporter) may read, never change, its ``status`` (a
-        :class:`~framework.scheduler.JobStatus`) and its ``workers`` (each module label's
-        instances and per-stream :class:`~framework.stats.ModuleStats`), from any thread,
+        :class:`~recorun.framework.scheduler.JobStatus`) and its ``workers`` (each module label's
+        instances and per-stream :class:`~recorun.framework.stats.ModuleStats`), from any thread,
         until its ``end_job``. Not called when the job failed to begin."""
 
     def end_job(self) -> None:
         """Called after the modules' end_job."""
+
+    def report(self) -> dict | None:
+        """What this service has to say in the job report (``services: {label: ...}``), asked
+        once after its end_job; None (the default): nothing."""
+        return None

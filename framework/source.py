@@ -1,18 +1,67 @@
 """Sources: where events come from.
 
 A source is a serial resource: the scheduler calls :meth:`Source.next_event` from one thread at
-a time. It returns the next :class:`~framework.event.Event` (with its source products already
+a time. It returns the next :class:`~recorun.framework.event.Event` (with its source products already
 put, tagged ``source:<name>``) or ``None`` at the end. Sources are plugins of the entry-point
 group ``recorun.sources`` and declare typed parameters like modules do.
+
+A source that can be cut into pieces (:meth:`Source.chunks`) can be run by a chunked executor
+(``recorun --executor dask``): each piece is a :class:`SourceChunk`, described by the parameters
+that make a source of the same type read exactly that piece.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .event import Event, EventID
 from .params import Configurable, Param
 
 SOURCE_LABEL = "source"
+
+
+@dataclass(frozen=True)
+class SourceChunk:
+    """A piece of a job's input that a job of its own can process.
+
+    A source of the same type with its parameters updated by ``parameters``, in a job limited
+    to ``size`` events (``process.max_events``), reads exactly this piece: the events of job
+    indices ``first_index`` to ``first_index + size - 1``, numbered as the whole job numbers
+    them. ``file`` and ``first_entry`` say where they are (None for a source without files)."""
+
+    id: int
+    first_index: int
+    size: int
+    parameters: dict = field(default_factory=dict)
+    file: str | None = None
+    first_entry: int = 0
+
+    @property
+    def stop_entry(self) -> int:
+        return self.first_entry + self.size
+
+    def describe(self) -> str:
+        if self.file is None:
+            return f"events {self.first_index} to {self.first_index + self.size - 1}"
+        return f"{self.file} entries {self.first_entry} to {self.stop_entry - 1}"
+
+
+def split_entries(start: int, stop: int, edges, size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into pieces of about ``size`` entries: a cut goes on the edge (a
+    file's cluster boundary) nearest to its target when one lies within half a piece of it;
+    the last piece takes a remainder under half a piece."""
+    inner = sorted(e for e in set(edges) if start < e < stop)
+    pieces, a = [], start
+    while a < stop:
+        target = a + size
+        if stop - target < size / 2:
+            b = stop
+        else:
+            near = [e for e in inner if a + size / 2 <= e <= a + 1.5 * size]
+            b = min(near, key=lambda e: (abs(e - target), e)) if near else target
+        pieces.append((a, b))
+        a = b
+    return pieces
 
 
 class Source(Configurable):
@@ -38,6 +87,12 @@ class Source(Configurable):
     def close(self) -> None:
         """Called once after the last event."""
 
+    def chunks(self, max_events: int | None, size: int) -> list[SourceChunk]:
+        """This job's input (at most ``max_events`` events) cut into pieces of about ``size``
+        events, in job order (see :class:`SourceChunk`). Called on a source that was built,
+        not opened. A source that cannot be cut raises NotImplementedError (the default)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be cut into chunks")
+
     def summary(self) -> dict:
         """What the job report says about the source (files read, files skipped...)."""
         return {"type": type(self).__name__}
@@ -61,3 +116,8 @@ class EmptySource(Source):
 
     def total_events(self):
         return self._n
+
+    def chunks(self, max_events, size):
+        total = self.count if max_events is None else min(self.count, max_events)
+        return [SourceChunk(i, a, b - a, {"count": b - a, "first_event": self.first_event + a})
+                for i, (a, b) in enumerate(split_entries(0, total, (), size))]

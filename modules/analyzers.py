@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from framework import Analyzer, Concurrency, InputTag, Param
+from recorun import Analyzer, Concurrency, InputTag, Param
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import Concurrency, InputTag, Param, Producer
+from recorun import Concurrency, InputTag, Param, Producer
 
 from .calo_geometry import GEOMETRIES
 

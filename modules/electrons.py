@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import ecal
-from framework import Concurrency, Filter, InputTag, Param, Producer
+from recorun.data import ecal
+from recorun import Concurrency, Filter, InputTag, Param, Producer
 
 ELECTRON_DTYPE = np.dtype([("energy", "f4"), ("et", "f4"), ("eta", "f4"), ("phi", "f4")])
 
 
 class ElectronEnergyProducer(Producer):
     """Electrons with the nominal energy: a calibrated sum over the 4 layers of a window
-    around the impact point of each 4x56x11 image (``data.ecal.nominal_energy``)."""
+    around the impact point of each 4x56x11 image (``recorun.data.ecal.nominal_energy``)."""
 
     concurrency = Concurrency.SHARED
     images = InputTag("source:Electron_image", doc="(n, 4, 56, 11) images, GeV per cell")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from framework import Concurrency, ExternalWorkProducer, InputTag, Param
+from recorun import Concurrency, ExternalWorkProducer, InputTag, Param
 
 
 def calibrate(towers: np.ndarray, scale: float, offset: float) -> np.ndarray:

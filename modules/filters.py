@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-from framework import Concurrency, Filter, InputTag, Param
+from recorun import Concurrency, Filter, InputTag, Param
 
 
 class HTFilter(Filter):

@@ -6,7 +6,7 @@ templates, one per bunch crossing (BX) that can deposit charge in the readout wi
 fits their amplitudes with a non-negative least-squares (NNLS) fit. The in-time amplitude
 (the pulse arriving in the sample of interest, ``SOI`` = TS3) times the channel gain is the
 rechit energy; the out-of-time (OOT) amplitudes absorb the pileup of the neighbouring
-crossings that the two-sample sum of :class:`~modules.hcal_reco.HcalSimpleReco` counts as
+crossings that the two-sample sum of :class:`~recorun.modules.hcal_reco.HcalSimpleReco` counts as
 signal.
 
 **Model.** For a channel with samples ``q_0..q_7`` (fC), pedestal ``p`` and pedestal noise
@@ -70,8 +70,8 @@ has an offset of -0.045 GeV (-0.08 with ``[-1, 0, 1]``): an OOT pulse fitted to 
 noise fluctuation also claims its share of the samples it has in common with the in-time
 pulse, while a downward fluctuation gives no (negative) OOT pulse to compensate.
 
-The energy is ``A_0 * gain`` (GeV); rechits are :data:`~modules.hcal_reco.RECHIT_DTYPE`, the
-same as :class:`~modules.hcal_reco.HcalSimpleReco`'s, so that :class:`CaloTowerProducer`
+The energy is ``A_0 * gain`` (GeV); rechits are :data:`~recorun.modules.hcal_reco.RECHIT_DTYPE`, the
+same as :class:`~recorun.modules.hcal_reco.HcalSimpleReco`'s, so that :class:`CaloTowerProducer`
 takes either.
 """
 from __future__ import annotations
@@ -80,8 +80,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from data import hcal
-from framework import Concurrency, InputTag, Param, Producer
+from recorun.data import hcal
+from recorun import Concurrency, InputTag, Param, Producer
 
 from .hcal_reco import RECHIT_DTYPE, rechits
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from data import hcal
-from framework import Concurrency, InputTag, Param, Producer
+from recorun.data import hcal
+from recorun import Concurrency, InputTag, Param, Producer
 
 RECHIT_DTYPE = np.dtype([("ieta", "i2"), ("iphi", "i2"), ("depth", "i1"), ("energy", "f4")])
 

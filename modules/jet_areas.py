@@ -38,7 +38,7 @@ event-by-event ratio of the two rhos 1.00 with a spread of 4 % (the spread any t
 configurations have).
 
 **Inputs** are calorimeter towers (fields ``eta, phi, et``, as made by
-:class:`~modules.calo_towers.CaloTowerProducer`), taken as massless four-vectors. Jets are
+:class:`~recorun.modules.calo_towers.CaloTowerProducer`), taken as massless four-vectors. Jets are
 :data:`AREA_JET_DTYPE`: ``pt`` (corrected), ``eta``, ``phi``, ``mass``, ``area``, ``raw_pt``
 (before the correction) and ``n_constituents`` (towers, ghosts not counted).
 
@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import Concurrency, Filter, InputTag, Param, Producer
+from recorun import Concurrency, Filter, InputTag, Param, Producer
 
 __all__ = ["AREA_JET_DTYPE", "AreaSubtractedJetProducer", "JetMedianRhoProducer",
            "JetPtFilter", "area_definition", "tower_pseudojets"]
@@ -106,6 +106,8 @@ class JetMedianRhoProducer(Producer):
     jets excluded, in |y| < ``rho_maxrap``; instance ``sigma``: the fluctuation per square
     root of unit area. See modules/jet_areas.py."""
 
+    requires = {"fastjet": "recorun[jets]"}
+
     concurrency = Concurrency.SHARED
     produces = ("", "sigma")
     towers = InputTag("towers", doc="towers with fields eta, phi, et")
@@ -140,6 +142,8 @@ class AreaSubtractedJetProducer(Producer):
     max(0, 1 - rho * area / pT) (CMS's L1FastJet), kept above ``min_pt`` after the correction,
     highest pT first (fields pt, eta, phi, mass, area, raw_pt, n_constituents). Without
     ``rho`` the jets are not corrected. See modules/jet_areas.py."""
+
+    requires = {"fastjet": "recorun[jets]"}
 
     concurrency = Concurrency.SHARED
     towers = InputTag("towers", doc="towers with fields eta, phi, et")

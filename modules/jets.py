@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import Concurrency, InputTag, Param, Producer
+from recorun import Concurrency, InputTag, Param, Producer
 
 __all__ = ["AntiKtJetProducer", "CONSTITUENT_DTYPE", "JET_DTYPE", "JetImageProducer",
            "cluster_antikt", "jet_images"]
@@ -124,6 +124,7 @@ class AntiKtJetProducer(Producer):
     n_constituents; highest pT first) and, as instance ``constituents``, their particles
     (jet, index, pt, eta, phi, charge)."""
 
+    requires = {"fastjet": "recorun[jets]"}
     produces = ("", "constituents")
     particles = InputTag("source:Particle", doc="particles with fields px, py, pz, E "
                                                 "(and charge, carried to the constituents)")

@@ -10,7 +10,7 @@ product per event                   TTree branch(es)
 a number                            a number (``float``, ``int64_t``...)
 1-D NumPy array                     a jagged branch with counter ``n<name>``
 (n, K, ...) NumPy array             flat jagged ``n*K*...`` values; the shape is kept in
-                                    the file (see :mod:`data.layout`) and restored on
+                                    the file (see :mod:`recorun.data.layout`) and restored on
                                     reading
 structured NumPy array or          NanoAOD-style: ``<name>_<field>`` branches sharing the
 Collection (records)                counter ``n<name>``
@@ -21,7 +21,7 @@ Collection (records)                counter ``n<name>``
 and renamed to ``file`` only when the job processed every event; a job that stopped early
 leaves the ``.partial`` file and says so.
 
-On a farm (``recorun --executor dask``, :mod:`framework.farm`) each chunk of the input writes
+On a farm (``recorun --executor dask``, :mod:`recorun.farm.executor`) each chunk of the input writes
 its own part file and :meth:`RootOutput.merge` concatenates the parts in chunk order: the
 same tree, branches (counters and NanoAOD-style collections rebuilt as written), entries and
 ``recorun_shapes`` entry as one job's file.
@@ -36,9 +36,9 @@ import awkward as ak
 import numpy as np
 import uproot
 
-from data.layout import flatten_inner, read_shapes, write_shapes
-from framework import Collection, InputTagList, OutputModule, Param
-from framework.params import ParamError
+from recorun.data.layout import flatten_inner, read_shapes, write_shapes
+from recorun import Collection, InputTagList, OutputModule, Param
+from recorun.framework.params import ParamError
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Each branch a module consumes becomes the product ``source:<branch>`` of every e
 * a number per event (``float``, ``int32_t``...): a NumPy scalar;
 * a list of numbers per event (``float[]``, NanoAOD's ``Jet_pt``): a 1-D NumPy array, a view
   into the chunk (no copy);
-* a list of fixed-size entries (written by recorun, see :mod:`data.layout`): an
+* a list of fixed-size entries (written by recorun, see :mod:`recorun.data.layout`): an
   ``(n, K, ...)`` NumPy array;
 * a list of records (an RNTuple record field, or a NanoAOD-style collection: branches
   ``X_a``, ``X_b``... counted by ``nX``, read together as the product ``source:X``): a
@@ -29,6 +29,7 @@ from __future__ import annotations
 import difflib
 import glob
 import logging
+import os
 import queue
 import threading
 from pathlib import Path
@@ -36,9 +37,10 @@ from pathlib import Path
 import awkward as ak
 import uproot
 
-from data.layout import per_event_fields, per_event_numpy, read_shapes
-from framework import Collection, Event, EventID, InputError, Param, Source
-from framework.event import tag_label
+from recorun.data.layout import per_event_fields, per_event_numpy, read_shapes
+from recorun import Collection, Event, EventID, InputError, Param, Source, SourceChunk
+from recorun.framework.source import split_entries
+from recorun.framework.event import tag_label
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,23 @@ def _collections(tree, names: list[str]) -> dict[str, list[str]]:
         if name.startswith(prefix + "_"):
             found.setdefault(prefix, []).append(name)
     return {k: v for k, v in found.items() if k not in names}
+
+
+def _cluster_edges(path: str, tree_name: str) -> list[int]:
+    """The entry numbers where the clusters of a file's tree begin (and its end)."""
+    try:
+        with uproot.open(path) as file:
+            tree = file[tree_name]
+            if callable(getattr(tree, "common_entry_offsets", None)):        # TTree
+                return [int(e) for e in tree.common_entry_offsets()]
+            edges, at = [0], 0                                              # RNTuple
+            for cluster in getattr(tree, "cluster_summaries", None) or []:
+                at += int(getattr(cluster, "num_entries", 0))
+                edges.append(at)
+            return edges
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the layout of tree '{tree_name}' to cut it into "
+                         f"chunks: {type(exc).__name__}: {exc}") from None
 
 
 def _check_readable(tree, path: str, names) -> None:
@@ -376,6 +395,34 @@ class RootSource(Source):
             event_id = EventID(self.run, 1, self.first_event + self.skip + self._numbered)
         self._numbered += 1
         return Event(event_id, index, {f"{self.label}:{k}": v for k, v in products.items()})
+
+    def chunks(self, max_events, size):
+        """The job's entries (after ``skip``, up to ``max_events``) cut into chunks of about
+        ``size`` entries, each within one file, cut on the file's cluster boundaries
+        (``TTree.common_entry_offsets()``, RNTuple cluster summaries) when one lies within half
+        a chunk of the target, so that each cluster's baskets are read by one chunk."""
+        to_skip, left = self.skip, max_events
+        found: list[SourceChunk] = []
+        before = index = 0                  # entries of earlier files; events planned so far
+        for path in self.paths:
+            if left == 0:
+                break
+            entries = self._entries[path]
+            start = min(to_skip, entries)
+            to_skip -= start
+            stop = entries if left is None else min(entries, start + left)
+            if stop > start:
+                edges = _cluster_edges(path, self.tree_name)
+                for a, b in split_entries(start, stop, edges, size):
+                    where = os.path.abspath(path)
+                    found.append(SourceChunk(len(found), index, b - a, {
+                        "files": [where], "skip": a, "first_event": self.first_event + before},
+                        where, a))
+                    index += b - a
+            if left is not None:
+                left -= stop - start
+            before += entries
+        return found
 
     def close(self) -> None:
         self._stop.set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import Param, Producer
+from recorun import Param, Producer
 
 N_IETA, N_IPHI = 56, 72
 ETA_MAX = 2.8

@@ -22,7 +22,7 @@ Life cycle
 * construction: the client parameters become a :class:`~sonic_clients.ClientConfig`; a value it
   rejects (a bad timeout, ``tries: 0``...) is a configuration error naming the parameter.
 * ``begin_job``: the client, from the workflow's ServerRegistry service if it has one, else
-  from :func:`sonic_clients.registry.default_registry` (whose local fallback server serves a
+  from :func:`recorun.sonic_clients.registry.default_registry` (whose local fallback server serves a
   model that no server provides); then ``validate(self.input_shapes())``: a tensor name, shape
   or dtype that does not fit the model stops the job before its first event, with an error
   naming the producer, the model and the tensor.
@@ -52,10 +52,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from framework import ConfigError, Concurrency, ExternalWorkProducer, Param
-from framework.params import ParamError
-from sonic_clients import ClientConfig, ClientConfigError, make_client, parse_duration
-from sonic_clients.base import BACKENDS, BALANCES, CLIENTS, COMPRESSIONS, MODES
+from recorun import ConfigError, Concurrency, ExternalWorkProducer, Param
+from recorun.framework.params import ParamError
+from recorun.sonic_clients import (ClientConfig, ClientConfigError, SonicError, make_client,
+                                   parse_duration)
+from recorun.sonic_clients.base import BACKENDS, BALANCES, CLIENTS, COMPRESSIONS, MODES
 
 
 class SonicInferenceError(RuntimeError):
@@ -148,8 +149,13 @@ class SonicProducer(ExternalWorkProducer):
         the job's set-up, not in the first event's time, and a server that cannot start stops
         the job before its first event."""
         registry = getattr(self.sonic, "registry", None)
-        if registry is not None:
+        if registry is None:
+            return
+        try:
             registry.start_fallback(wait=True)
+        except (SonicError, ClientConfigError) as exc:
+            raise ConfigError(f"SONIC producer '{self.label}' ({type(self).__name__}), model "
+                              f"'{self.model}': {exc}", label=self.label) from exc
 
     def acquire(self, event, holder) -> None:
         index, event_id, model = event.index, event.id, self.model
@@ -206,7 +212,7 @@ class SonicProducer(ExternalWorkProducer):
     def report(self) -> dict | None:
         """The client's figures for the job report: calls, retries, failovers, bytes sent,
         mean packing and round-trip times and, for Triton clients, the server's queue and
-        compute time per event (:mod:`sonic_clients.server_stats`)."""
+        compute time per event (:mod:`recorun.sonic_clients.server_stats`)."""
         timing = getattr(self, "_timing", None)
         if not timing:
             return None

@@ -1,17 +1,17 @@
 """DeepCalo: electrons with their energy regressed by the DeepCalo network from their 4x56x11
-ECAL images (a replacement for :class:`~modules.electrons.ElectronEnergyProducer`)."""
+ECAL images (a replacement for :class:`~recorun.modules.electrons.ElectronEnergyProducer`)."""
 from __future__ import annotations
 
 import numpy as np
 
-from framework import InputTag, Param
-from modules.electrons import ELECTRON_DTYPE
+from recorun import InputTag, Param
+from recorun.modules.electrons import ELECTRON_DTYPE
 
 from .base import SonicProducer
 
 
 class DeepCaloProducer(SonicProducer):
-    """Electrons (``modules.electrons.ELECTRON_DTYPE``): energy from DeepCalo (input
+    """Electrons (``recorun.modules.electrons.ELECTRON_DTYPE``): energy from DeepCalo (input
     ``electron_images`` [4, 56, 11], output ``energy`` [1], GeV), eta and phi from the
     candidates, et = energy / cosh(eta)."""
 

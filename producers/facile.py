@@ -1,19 +1,19 @@
 """FACILE: HCAL rechits with energies from the FACILE network (a drop-in replacement for
-:class:`~modules.hcal_reco.HcalSimpleReco` / :class:`~modules.hcal_mahi.HcalMahiReco`: same input
+:class:`~recorun.modules.hcal_reco.HcalSimpleReco` / :class:`~recorun.modules.hcal_mahi.HcalMahiReco`: same input
 tag, same ``threshold``, same rechit dtype, so CaloTowerProducer reads its product unchanged)."""
 from __future__ import annotations
 
 import numpy as np
 
-from data.hcal import FACILE_INPUTS, facile_inputs
-from framework import InputTag, Param
-from modules.hcal_reco import rechits
+from recorun.data.hcal import FACILE_INPUTS, facile_inputs
+from recorun import InputTag, Param
+from recorun.modules.hcal_reco import rechits
 
 from .base import SonicProducer
 
 
 class FacileProducer(SonicProducer):
-    """HCAL rechits (``modules.hcal_reco.RECHIT_DTYPE``) from ``HcalDigi`` digis, the energy of
+    """HCAL rechits (``recorun.modules.hcal_reco.RECHIT_DTYPE``) from ``HcalDigi`` digis, the energy of
     each channel inferred by FACILE (input ``hcal_channels`` [15], output ``energy`` [1], GeV)."""
 
     model = Param(str, "facile", doc="model name")

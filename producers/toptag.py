@@ -1,10 +1,10 @@
 """Top tagging: P(top) of each jet from ResNet-50 on its jet image (as made by
-:class:`~modules.jets.JetImageProducer`)."""
+:class:`~recorun.modules.jets.JetImageProducer`)."""
 from __future__ import annotations
 
 import numpy as np
 
-from framework import InputTag, Param
+from recorun import InputTag, Param
 
 from .base import SonicProducer
 

@@ -12,8 +12,8 @@ file, error and access logs, temporary files) is in PREFIX, so it needs no root 
 nothing behind: :meth:`NginxBalancer.stop` sends SIGTERM to nginx's PID (SIGKILL to its process
 group if it hangs) and removes PREFIX, keeping the logs' text in ``error_log_text`` and
 ``access_log_text``. An ``atexit`` hook stops any balancer left running, and nginx gets
-SIGTERM from the kernel should this process die without it (``PR_SET_PDEATHSIG``, tied to a
-watcher thread that lives as long as nginx).
+SIGTERM from the kernel should this process die without it (:class:`recorun.processes.ChildProcess`,
+the same helper as the local fallback server's).
 
 nginx balances *requests*: one gRPC call is one HTTP/2 stream, passed to one upstream server
 (round robin, or ``least_conn``). A server that refuses or resets the connection is left out
@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .processes import child_preexec, group_alive, kill_group
+from recorun.processes import ChildProcess
 
 #: the nginx configuration template (placeholders ``{{ name }}``)
 TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "nginx" / \
@@ -223,12 +223,11 @@ class NginxBalancer:
         self.nginx = find_nginx(nginx)
         self.build = nginx_build(self.nginx)
         self.prefix: Path | None = None
-        self.process: subprocess.Popen | None = None
+        self.child: ChildProcess | None = None
         self.pid: int | None = None
         self.exit_code: int | None = None
         self.error_log_text = ""
         self.access_log_text = ""
-        self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
         self._stopped = False
 
@@ -245,8 +244,12 @@ class NginxBalancer:
         return f"{host}:{self.port}"
 
     @property
+    def process(self) -> subprocess.Popen | None:
+        return self.child.process if self.child is not None else None
+
+    @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.child is not None and self.child.running
 
     # configuration -------------------------------------------------------------------------
     def config_text(self, port: int | None = None) -> str:
@@ -326,36 +329,18 @@ class NginxBalancer:
                                 f"{(out.stderr or out.stdout).strip()[-2000:]}")
 
     def _run(self) -> str | None:
-        """Start nginx (from the watcher thread) and wait for it to listen; None, or what went
-        wrong."""
-        started = threading.Event()
-        box: dict = {}
+        """Start nginx and wait for it to listen; None, or what went wrong."""
         (self.prefix / "nginx.pid").unlink(missing_ok=True)     # of a failed attempt
-
-        def watch():
-            try:
-                with open(self.prefix / "nginx.out", "w") as out:
-                    box["process"] = subprocess.Popen(
-                        self._command(), stdin=subprocess.DEVNULL, stdout=out,
-                        stderr=subprocess.STDOUT, start_new_session=True,
-                        preexec_fn=child_preexec())
-            except BaseException as exc:
-                box["error"] = exc
-                return
-            finally:
-                started.set()
-            box["process"].wait()
-
-        watcher = threading.Thread(target=watch, daemon=True, name="nginx-balancer")
-        watcher.start()
-        started.wait()
-        if "error" in box:
-            return f"cannot start nginx ({self.nginx}): {box['error']}"
-        process = box["process"]
-        self.process, self.pid, self._watcher = process, process.pid, watcher
+        try:
+            with open(self.prefix / "nginx.out", "w") as out:
+                child = ChildProcess(self._command(), name="nginx-balancer", stdout=out,
+                                     stderr=subprocess.STDOUT).start()
+        except OSError as exc:
+            return f"cannot start nginx ({self.nginx}): {exc}"
+        self.child, self.pid = child, child.pid
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
-            if process.poll() is not None:
+            if not child.running:
                 break
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
@@ -365,10 +350,10 @@ class NginxBalancer:
             except OSError:
                 pass
             time.sleep(0.05)
-        self._kill_group()
-        code = process.poll()
+        child.kill()
+        code = child.exit_code
         log = self._read("error.log") + self._read("nginx.out")
-        self.process = self.pid = None
+        self.child = self.pid = None
         reason = (f"exited with code {code}" if code is not None
                   else f"did not listen on {self.address} within {self.ready_timeout_s:.0f} s")
         return (f"nginx ({self.nginx}) {reason}; command {' '.join(self._command())}; its log:\n"
@@ -410,30 +395,10 @@ class NginxBalancer:
             if self._stopped:
                 return self.exit_code
             self._stopped = True
-        process = self.process
-        if process is not None:
-            if process.poll() is None:
-                try:
-                    os.kill(process.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                try:
-                    process.wait(timeout_s)
-                except subprocess.TimeoutExpired:
-                    self._kill_group()
-            self.exit_code = process.poll()
-            deadline = time.monotonic() + 5.0
-            while group_alive(process.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if group_alive(process.pid):
-                self._kill_group()
-            if self._watcher is not None and self._watcher is not threading.current_thread():
-                self._watcher.join(5)
+        if self.child is not None:
+            self.exit_code = self.child.stop(timeout_s)
         self._cleanup()
         return self.exit_code
-
-    def _kill_group(self) -> None:
-        kill_group(self.process)
 
     def _cleanup(self) -> None:
         with _RUNNING_LOCK:
@@ -466,7 +431,8 @@ def _stop_all_at_exit() -> None:
         try:
             balancer.stop(timeout_s=5.0)
         except Exception:                               # pragma: no cover
-            balancer._kill_group()
+            if balancer.child is not None:
+                balancer.child.kill()
 
 
 # --- recorun-balancer ------------------------------------------------------------------------

@@ -22,18 +22,20 @@ Serving prints exactly one line on stdout, once every model is ready::
 the models' origin) goes to stderr. SIGTERM or SIGINT stops the server cleanly (exit 0).
 
 Exit codes: 0 stopped by a signal (or export/list done); 1 a model failed to load or the server
-failed to start or died; 2 bad options.
+failed to start or died; 2 bad options, or the ``server`` extra is not installed
+(``pip install 'recorun[server]'``: torch, nvidia-pytriton, onnxruntime, onnx).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import sys
 import time
 from pathlib import Path
 
-from .models import SPECS
+from recorun.model_specs import SPECS, parse_model_names
 
 LOG = logging.getLogger("recorun.server")
 
@@ -62,10 +64,9 @@ def _non_negative(text: str) -> int:
 
 
 def _models(text: str) -> tuple[str, ...]:
-    from .serve import ConfigurationError, parse_models
     try:
-        return parse_models(text)
-    except ConfigurationError as exc:
+        return parse_model_names(text)
+    except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -76,7 +77,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="max_batch_size of every model (default: each model's own: "
                         + ", ".join(f"{n} {s.max_batch_size}" for n, s in SPECS.items()) + ")")
     parser.add_argument("--weights-dir", type=Path, default=None, metavar="DIR",
-                        help="read <model>.pt from DIR instead of server/weights "
+                        help="read <model>.pt from DIR instead of server/trained "
                              "(a model without one there is initialised from the fixed seed)")
 
 
@@ -106,6 +107,9 @@ def serve_parser() -> argparse.ArgumentParser:
     _add_model_options(parser)
     parser.add_argument("--list", action="store_true",
                         help="list the models (tensors, max batch, weights' origin) and exit")
+    parser.add_argument("--check-options", action="store_true",
+                        help="check these options and exit: 0, or 2 with the reason (needs "
+                             "neither torch nor pytriton)")
     parser.add_argument("--address", default="127.0.0.1",
                         help="address to bind gRPC, HTTP and metrics to (default 127.0.0.1)")
     parser.add_argument("--grpc-port", type=_port, default=8001, help="0: a free port")
@@ -284,9 +288,39 @@ def _serve(args) -> int:
     return code
 
 
+#: the packages (import name: distribution) each command needs; the ``server`` extra has them
+NEEDS = {"serve": {"torch": "torch", "pytriton": "nvidia-pytriton", "onnxruntime": "onnxruntime"},
+         "export": {"torch": "torch", "onnx": "onnx", "onnxscript": "onnxscript",
+                    "onnxruntime": "onnxruntime"},
+         "list": {"torch": "torch"}}
+
+
+def _missing(command: str) -> str | None:
+    """What ``command`` needs and is not installed here, as a message; None if nothing."""
+    for package, distribution in NEEDS[command].items():
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return (f"recorun-server needs the Python package '{distribution}', which is not "
+                    f"installed: pip install 'recorun[server]'")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "export":
+    command = "export" if argv and argv[0] == "export" else "list" if "--list" in argv \
+        else "serve"
+    if "--check-options" in argv and command == "serve":
+        serve_parser().parse_args(argv)                 # exits 2 with argparse's message
+        return EXIT_OK
+    if "-h" not in argv and "--help" not in argv:
+        missing = _missing(command)
+        if missing:
+            print(missing, file=sys.stderr)
+            return EXIT_USAGE
+    if command == "export":
         return _export(argv[1:])
     args = serve_parser().parse_args(argv)
     _setup_logging(args.verbose)

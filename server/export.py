@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import SPECS, ModelSpec
+from recorun.model_specs import SPECS, ModelSpec
 
 LOG = logging.getLogger("recorun.server.export")
 
@@ -47,7 +47,7 @@ TORCH_CACHE_VARIABLES = {
     "TORCH_COMPILE_DEBUG_DIR": "debug",
 }
 
-#: Triton's names for the dtypes of :class:`server.models.TensorSpec`.
+#: Triton's names for the dtypes of :class:`recorun.model_specs.TensorSpec`.
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "float64": "TYPE_FP64",
                  "int32": "TYPE_INT32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL"}
 
@@ -275,7 +275,7 @@ def write_repository(directory: str | os.PathLike, models: Sequence[str],
     """Write ``DIR/<model>/config.pbtxt`` and ``DIR/<model>/1/model.onnx`` for each model.
 
     ``load(name) -> (model, origin)`` gives the torch model and its weights' origin (default:
-    :func:`server.weights.load_model` and :func:`server.weights.origin`). With ``check`` each
+    :func:`recorun.server.weights.load_model` and :func:`recorun.server.weights.origin`). With ``check`` each
     ONNX file is run with onnxruntime against torch (:func:`check_onnx`). Returns the model
     directories written."""
     from . import weights

@@ -12,12 +12,10 @@ DeepCalo   4x56x11 ECAL image    energy (GeV)       ~1.8 M   5
 ResNet-50  3x224x224 jet image   (QCD, top) scores  ~23.5 M  10
 =========  ====================  =================  =======  ======================
 
-:data:`SPECS` describes each model as served: tensor names, shapes (without the batch
-dimension), dtypes and the largest batch a server accepts.
+How each model is served (tensor names, shapes without the batch dimension, dtypes, the
+largest batch a server accepts) is :data:`recorun.model_specs.SPECS`, which the clients share.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -114,37 +112,14 @@ class ResNet50(nn.Module):
         return torch.softmax(self.logits(x), dim=1)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]        # per inference, without the batch dimension
-    dtype: str = "float32"
+#: the torch module of each model of :data:`recorun.model_specs.SPECS`
+ARCHITECTURES: dict[str, type[nn.Module]] = {"facile": Facile, "deepcalo": DeepCalo,
+                                             "resnet50": ResNet50}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """A model as a server offers it."""
-
-    name: str
-    build: type
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    max_batch_size: int           # the largest batch one request may carry
-    event_batch: int              # the paper's inferences per event (offline)
-
-    def make(self) -> nn.Module:
-        return self.build()
-
-
-SPECS: dict[str, ModelSpec] = {
-    "facile": ModelSpec("facile", Facile, (TensorSpec("hcal_channels", (15,)),),
-                        (TensorSpec("energy", (1,)),), max_batch_size=16384,
-                        event_batch=16000),
-    "deepcalo": ModelSpec("deepcalo", DeepCalo, (TensorSpec("electron_images", (4, 56, 11)),),
-                          (TensorSpec("energy", (1,)),), max_batch_size=1024, event_batch=5),
-    "resnet50": ModelSpec("resnet50", ResNet50, (TensorSpec("jet_images", (3, 224, 224)),),
-                          (TensorSpec("scores", (2,)),), max_batch_size=32, event_batch=10),
-}
+def make_model(name: str) -> nn.Module:
+    """A new, untrained instance of model ``name``."""
+    return ARCHITECTURES[name]()
 
 
 def parameter_count(model: nn.Module) -> int:

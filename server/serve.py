@@ -1,9 +1,9 @@
 """recorun-server: the paper's models behind a real Triton Inference Server (pytriton).
 
-:class:`RecorunServer` loads the models (:mod:`server.weights`), prepares one runtime per model
+:class:`RecorunServer` loads the models (:mod:`recorun.server.weights`), prepares one runtime per model
 instance, starts ``tritonserver`` through pytriton (its python backend hands each batch to an
 inference callable in this process) and checks that every model is ready. ``recorun-server``
-(:mod:`server.cli`) is its command line; tests and the framework's fallback server run that
+(:mod:`recorun.server.cli`) is its command line; tests and the framework's fallback server run that
 command as a subprocess.
 
 What it takes care of, so that nothing in the user's environment needs setting:
@@ -23,7 +23,7 @@ What it takes care of, so that nothing in the user's environment needs setting:
 - tritonserver's own log goes to the server's log stream (stderr for the command), not stdout.
 
 Backends: ``onnxruntime`` (the default on CPU; the model exported to ONNX at start by
-:func:`server.export.export_onnx` and checked against torch) or ``torch`` (eager, in
+:func:`recorun.server.export.export_onnx` and checked against torch) or ``torch`` (eager, in
 ``inference_mode``; the default with ``device="cuda"``). Threads: each onnxruntime instance has
 its own intra-op pool of ``threads`` non-spinning threads; torch's intra-op pool is one per
 process, set to ``threads`` and shared by the instances. The default, :func:`default_threads`,
@@ -54,6 +54,9 @@ from typing import TextIO
 import numpy as np
 import torch
 
+from recorun.model_specs import SPECS, ModelSpec, parse_model_names
+from recorun.processes import descendants
+
 from . import weights as weights_module
 from .export import (
     check_onnx,
@@ -63,8 +66,7 @@ from .export import (
     onnx_session,
     preferred_sizes_for,
 )
-from .models import SPECS, ModelSpec
-from .processes import descendants
+from .models import make_model
 
 LOG = logging.getLogger("recorun.server")
 
@@ -124,28 +126,15 @@ def default_threads(instances: int = 1) -> int:
 
 def parse_models(text: str | Sequence[str]) -> tuple[str, ...]:
     """``"facile,deepcalo"`` or ``"all"`` (or a list of such) as a tuple of model names."""
-    parts = [text] if isinstance(text, str) else list(text)
-    names: list[str] = []
-    for part in parts:
-        for name in (p.strip().lower() for p in part.split(",")):
-            if not name:
-                continue
-            if name == "all":
-                names.extend(ALL_MODELS)
-            elif name in SPECS:
-                names.append(name)
-            else:
-                raise ConfigurationError(f"unknown model '{name}' (models: "
-                                         f"{', '.join(ALL_MODELS)}, or all)")
-    unique = tuple(dict.fromkeys(names))
-    if not unique:
-        raise ConfigurationError("no model given")
-    return unique
+    try:
+        return parse_model_names(text)
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 @dataclass
 class ServerOptions:
-    """Everything ``recorun-server`` takes on its command line (see :mod:`server.cli`)."""
+    """Everything ``recorun-server`` takes on its command line (see :mod:`recorun.server.cli`)."""
 
     models: tuple[str, ...] = ALL_MODELS
     address: str = "127.0.0.1"
@@ -160,7 +149,7 @@ class ServerOptions:
     dynamic_batching: bool = True
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_us: int = 0
-    weights_dir: Path | None = None       # None: server/weights (server.weights)
+    weights_dir: Path | None = None       # None: server/trained (recorun.server.weights)
     restricted_endpoints: tuple[str, ...] = DEFAULT_RESTRICTED_ENDPOINTS
     log_verbose: int = 0                  # tritonserver --log-verbose
     ready_timeout_s: float = READY_TIMEOUT_S
@@ -265,9 +254,9 @@ def load_weights(name: str, weights_dir: str | os.PathLike | None = None
                  ) -> tuple[torch.nn.Module, str]:
     """The model ``name`` in eval mode on the CPU and its weights' origin.
 
-    Without ``weights_dir`` these are :func:`server.weights.load_model` and
-    :func:`server.weights.origin`. With it, ``weights_dir/<name>.pt`` (the checkpoint format of
-    ``server.train``: ``state_dict`` and ``origin``) when it exists, else the seeded
+    Without ``weights_dir`` these are :func:`recorun.server.weights.load_model` and
+    :func:`recorun.server.weights.origin`. With it, ``weights_dir/<name>.pt`` (the checkpoint format of
+    ``recorun.server.train``: ``state_dict`` and ``origin``) when it exists, else the seeded
     initialisation. Raises :class:`ModelLoadError` when the checkpoint cannot be used."""
     if name not in SPECS:
         raise ModelLoadError(f"no model '{name}' (models: {', '.join(ALL_MODELS)})")
@@ -278,10 +267,10 @@ def load_weights(name: str, weights_dir: str | os.PathLike | None = None
             return weights_module.load_model(name), weights_module.origin(name)
         torch.manual_seed(weights_module.INIT_SEED)
         if not path.exists():
-            return (SPECS[name].make().eval(),
+            return (make_model(name).eval(),
                     f"untrained: initialised from torch.manual_seed({weights_module.INIT_SEED})")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = SPECS[name].make()
+        model = make_model(name)
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval(), str(checkpoint["origin"])
     except ModelLoadError:

@@ -1,18 +1,18 @@
 """Train FACILE and DeepCalo on the synthetic detector (``data/``) and write their weights.
 
-    python -m server.train facile   [--seed S] [--events N] [--epochs E] [--out PATH]
-    python -m server.train deepcalo [--seed S] [--events N] [--epochs E] [--out PATH]
+    python -m recorun.server.train facile   [--seed S] [--events N] [--epochs E] [--out PATH]
+    python -m recorun.server.train deepcalo [--seed S] [--events N] [--epochs E] [--out PATH]
 
 * **FACILE** regresses each HCAL channel's ``trueEnergy`` (GeV) from its 15 inputs
-  (``data.hcal.facile_inputs``), on the digis of ``N`` events of 16000 channels from
-  ``data.generate.generate_hcal_events`` (seed ``S``): mean squared error, Adam, batches of
+  (``recorun.data.hcal.facile_inputs``), on the digis of ``N`` events of 16000 channels from
+  ``recorun.data.generate.generate_hcal_events`` (seed ``S``): mean squared error, Adam, batches of
   5000 channels (as the paper). Most channels hold next to nothing and a few per event tens
   or hundreds of GeV, so the training sample keeps every channel above 1 GeV and a random
   10 % of the others, weighted x10 in the loss (the weighted mean squared error estimates
   the one over all channels): more events, hence more energetic channels, for the same
   training time.
 * **DeepCalo** regresses each electron's ``trueEnergy`` (GeV) from its 4x56x11 image, on the
-  electrons of ``N`` events from ``data.generate.generate_electron_events`` (seed ``S``, about
+  electrons of ``N`` events from ``recorun.data.generate.generate_electron_events`` (seed ``S``, about
   5 electrons per event): mean squared relative error ``((E_pred - E_true) / E_true)^2``
   (a plain squared error over 5-500 GeV would be dominated by the few most energetic
   electrons), Adam, batches of 256.
@@ -34,10 +34,10 @@ training (their scales and shifts still train). The architecture is unchanged.
 Everything is reproducible from the seed: the events (generator seed ``S``), the subsample
 (``numpy.random.default_rng([S, event])``), the initial weights (``torch.manual_seed(S)``),
 the order of the batches (a ``torch.Generator`` seeded with ``S``), on 2 torch threads. The
-checkpoint ``server/weights/<model>.pt`` (``--out`` to write elsewhere) is ``{"state_dict":
+checkpoint ``server/trained/<model>.pt`` (``--out`` to write elsewhere) is ``{"state_dict":
 ..., "origin": ...}``, ``origin`` saying in words how it was made, with the command (see
-:mod:`server.weights`). ResNet-50 is not trained here: it is served from its seeded
-initialisation (``server.weights.INIT_SEED``).
+:mod:`recorun.server.weights`). ResNet-50 is not trained here: it is served from its seeded
+initialisation (``recorun.server.weights.INIT_SEED``).
 
 Progress (epoch, train and validation loss) goes to stderr. Needs torch, numpy and awkward
 (through ``data/``), nothing of the framework.
@@ -56,9 +56,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from data import ecal, hcal
+from recorun.data import ecal, hcal
 
-from .models import SPECS
+from .models import make_model
 from .weights import weights_path
 
 THREADS = 2
@@ -111,8 +111,8 @@ def hcal_sample(events: int, seed: int, first_event: int = 1, channels: int = CH
     parts = []
     for start in range(first_event, first_event + events, chunk):
         n = min(chunk, first_event + events - start)
-        # = data.generate.generate_hcal_events(n, seed, channels, start)["HcalDigi"], without
-        # importing data.generate (uproot)
+        # = recorun.data.generate.generate_hcal_events(n, seed, channels, start)["HcalDigi"], without
+        # importing recorun.data.generate (uproot)
         digis = hcal.generate(range(start, start + n), seed, channels)
         x = hcal.facile_inputs(digis)
         y = ak.to_numpy(ak.flatten(digis.trueEnergy)).astype(np.float32)
@@ -132,8 +132,8 @@ def electron_sample(events: int, seed: int, first_event: int = 1
     """(images (n, 4, 56, 11) float32, trueEnergy (n,) float32, nominal energy (n,) float64,
     weight (n,) float32, all 1) of the electrons of ``events`` events of
     ``generate_electron_events``."""
-    # = data.generate.generate_electron_events(events, seed, first_event)'s "Electron" and
-    # "Electron_image", without importing data.generate (uproot)
+    # = recorun.data.generate.generate_electron_events(events, seed, first_event)'s "Electron" and
+    # "Electron_image", without importing recorun.data.generate (uproot)
     electrons, images = ecal.generate(range(first_event, first_event + events), seed)
     images = np.ascontiguousarray(ak.to_numpy(ak.flatten(images, axis=1)), dtype=np.float32)
     y = ak.to_numpy(ak.flatten(electrons.trueEnergy)).astype(np.float32)
@@ -180,7 +180,7 @@ def fit(name: str, settings: Settings, seed: int, x_train, y_train, w_train, x_v
     training loss; the final validation loss), losses on the scaled target."""
     scale = TARGET_SCALE[name]
     torch.manual_seed(seed)
-    model = SPECS[name].make()
+    model = make_model(name)
     x_train = torch.from_numpy(x_train)
     t_train = torch.from_numpy(y_train / scale).unsqueeze(1)
     w_train = torch.from_numpy(w_train).unsqueeze(1)
@@ -293,7 +293,7 @@ def _in_units(loss: float, settings: Settings, scale: float) -> str:
 
 # ---------------------------------------------------------------------------- main
 def _command(argv: list[str]) -> str:
-    return "python -m server.train " + " ".join(argv)
+    return "python -m recorun.server.train " + " ".join(argv)
 
 
 def train(name: str, seed: int, settings: Settings, command: str) -> dict:
@@ -309,20 +309,20 @@ def train(name: str, seed: int, settings: Settings, command: str) -> dict:
         unit = "channel"
         sample = (f"{settings.events * CHANNELS} synthetic HCAL channels ({settings.events} "
                   f"events x {CHANNELS} channels read out) from "
-                  f"data.generate.generate_hcal_events(seed={seed})")
+                  f"recorun.data.generate.generate_hcal_events(seed={seed})")
         used = f"{len(y_train)} channels of events 1-{n_train}"
         if settings.keep_low < 1.0:
             used += (f" (all channels with trueEnergy >= {LOW_GEV:g} GeV, a random "
                      f"{settings.keep_low:g} of the others, weighted {1 / settings.keep_low:g} "
                      f"in the loss so that it estimates the mean over all channels)")
-        inputs = "the 15 FACILE inputs (data.hcal.facile_inputs)"
+        inputs = "the 15 FACILE inputs (recorun.data.hcal.facile_inputs)"
     else:
         x_train, y_train, _, w_train = electron_sample(n_train, seed, 1)
         x_val, y_val, _, _ = electron_sample(n_val, seed, n_train + 1)
         unit = "electron"
         sample = (f"{len(y_train) + len(y_val)} synthetic electrons with 4x56x11 images "
                   f"({settings.events} events) from "
-                  f"data.generate.generate_electron_events(seed={seed})")
+                  f"recorun.data.generate.generate_electron_events(seed={seed})")
         used = f"{len(y_train)} electrons of events 1-{n_train}"
         inputs = "the 4x56x11 images"
     log(f"{name}: generated in {time.perf_counter() - start:.1f} s; training on "
@@ -359,9 +359,9 @@ def train(name: str, seed: int, settings: Settings, command: str) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m server.train",
+        prog="python -m recorun.server.train",
         description="Train FACILE or DeepCalo on synthetic events (data/) and write "
-                    "server/weights/<model>.pt with the weights' origin.")
+                    "server/trained/<model>.pt with the weights' origin.")
     parser.add_argument("model", choices=sorted(DEFAULTS), help="the model to train")
     parser.add_argument("--seed", type=int, default=1,
                         help="generator seed, torch seed and batch order (default 1)")
@@ -372,7 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs (default: facile 60, deepcalo 8)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="checkpoint to write (default server/weights/<model>.pt)")
+                        help="checkpoint to write (default server/trained/<model>.pt)")
     return parser
 
 

@@ -1,20 +1,20 @@
 """Validate the served models on fresh synthetic events and write ``docs/MODELS.md``.
 
-    python -m server.validate [--out docs/MODELS.md] [--seed 2024] [--hcal-events 1000]
+    python -m recorun.server.validate [--out docs/MODELS.md] [--seed 2024] [--hcal-events 1000]
                               [--electron-events 4000]
 
 * **FACILE** against the channels' ``trueEnergy``, side by side with the simple two-sample
-  reconstruction ``data.hcal.simple_energy``, on ``--hcal-events`` events of 16000 channels
-  from ``data.generate.generate_hcal_events(seed=--seed)``;
+  reconstruction ``recorun.data.hcal.simple_energy``, on ``--hcal-events`` events of 16000 channels
+  from ``recorun.data.generate.generate_hcal_events(seed=--seed)``;
 * **DeepCalo** against the electrons' ``trueEnergy``, side by side with the nominal 3x7
-  cluster energy ``data.ecal.nominal_energy``, on the electrons of ``--electron-events``
-  events of ``data.generate.generate_electron_events(seed=--seed)``;
+  cluster energy ``recorun.data.ecal.nominal_energy``, on the electrons of ``--electron-events``
+  events of ``recorun.data.generate.generate_electron_events(seed=--seed)``;
 
 in bins of true energy: the bias (median of ``(E_reco - E_true) / E_true``) and the resolution
 (half the width between its 16 % and 84 % quantiles). The seed must differ from the one the
 weights were trained with (read from their origin): the events are fresh. It also prints the
-parameter count of each model (``server.models.parameter_count``) and the weights' origin
-(``server.weights.origin``), and writes all of it to ``--out`` (default ``docs/MODELS.md``)
+parameter count of each model (``recorun.server.models.parameter_count``) and the weights' origin
+(``recorun.server.weights.origin``), and writes all of it to ``--out`` (default ``docs/MODELS.md``)
 with the architectures and the commands. ``--out -`` writes nothing.
 
 Needs torch, numpy and awkward (through ``data/``), nothing of the framework.
@@ -34,7 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import SPECS, Bottleneck, parameter_count
+from recorun.model_specs import SPECS
+
+from .models import ARCHITECTURES, Bottleneck, make_model, parameter_count
 from .train import CHANNELS, DEFAULTS, THREADS, electron_sample, hcal_sample
 from .weights import INIT_SEED, load_model, origin, weights_path
 
@@ -203,7 +205,7 @@ def markdown(counts: dict, facile_rows, deepcalo_rows, args, machine: str,
     origins = "\n".join(f"* **{name}** (`{weights_path(name).relative_to(REPO)}`"
                         f"{'' if weights_path(name).exists() else ', absent'}): {origin(name)}"
                         for name in SPECS)
-    command = "python -m server.validate" + "".join(
+    command = "python -m recorun.server.validate" + "".join(
         f" {flag} {value}" for flag, value in (
             ("--seed", args.seed), ("--hcal-events", args.hcal_events),
             ("--electron-events", args.electron_events)))
@@ -226,7 +228,7 @@ in the origins below are wall-clock times on this shared 2-core machine: they va
 a factor 2 with whatever else runs on it.
 
 The three models of the SONIC paper (Krupa et al. 2021, section 4 and table 1), defined in
-`server/models.py` (torch only), served with the weights of `server/weights/<name>.pt`
+`server/models.py` (torch only), served with the weights of `server/trained/<name>.pt`
 (`server/weights.py`: `load_model(name)`, `origin(name)`).
 
 ## Architectures
@@ -235,17 +237,17 @@ The three models of the SONIC paper (Krupa et al. 2021, section 4 and table 1), 
 |---|---|---|---|---|---|
 {spec_rows}
 
-Parameter counts are computed by `server.models.parameter_count` on the models of
-`server.models.SPECS` (the paper: FACILE ~2 k, DeepCalo 1.8 M, ResNet-50 23 M).
+Parameter counts are computed by `recorun.server.models.parameter_count` on the models of
+`recorun.model_specs.SPECS` (the paper: FACILE ~2 k, DeepCalo 1.8 M, ResNet-50 23 M).
 
-* **FACILE** (`server.models.Facile`): {_doc(SPECS["facile"].build, "FACILE")}
-  The 15 inputs per channel (`data.hcal.FACILE_INPUTS`): the raw charges q0-q7 of time
+* **FACILE** (`recorun.server.models.Facile`): {_doc(ARCHITECTURES["facile"], "FACILE")}
+  The 15 inputs per channel (`recorun.data.hcal.FACILE_INPUTS`): the raw charges q0-q7 of time
   samples TS0-TS7 (fC, pedestal included), ieta, iphi, depth, gain (GeV/fC), pedestal (fC),
   pedestal noise (fC), subdetector (1 HB, 2 HE).
-* **DeepCalo** (`server.models.DeepCalo`): {_doc(SPECS["deepcalo"].build, "DeepCalo")}
+* **DeepCalo** (`recorun.server.models.DeepCalo`): {_doc(ARCHITECTURES["deepcalo"], "DeepCalo")}
   The input: 4 layers (presampler, strips, middle, back) x 56 (eta) x 11 (phi) pixels of
   energy in GeV.
-* **ResNet-50** (`server.models.ResNet50`): {_doc(SPECS["resnet50"].build)}
+* **ResNet-50** (`recorun.server.models.ResNet50`): {_doc(ARCHITECTURES["resnet50"])}
   {_doc(Bottleneck)} Two classes (QCD, top).
 
 ## Where the weights come from
@@ -255,10 +257,10 @@ Parameter counts are computed by `server.models.parameter_count` on the models o
 FACILE and DeepCalo are trained here, on the CPU, on the project's synthetic detector
 (`data/`, described in `data/README.md`), by
 
-    python -m server.train facile    # --seed 1 --events {fd.events} --epochs {fd.epochs}
-    python -m server.train deepcalo  # --seed 1 --events {dd.events} --epochs {dd.epochs}
+    python -m recorun.server.train facile    # --seed 1 --events {fd.events} --epochs {fd.epochs}
+    python -m recorun.server.train deepcalo  # --seed 1 --events {dd.events} --epochs {dd.epochs}
 
-(`--out PATH` writes elsewhere than `server/weights/<name>.pt`; the origins above give each
+(`--out PATH` writes elsewhere than `server/trained/<name>.pt`; the origins above give each
 run's sample, loss, optimizer, batch, epochs, final losses and time). Each run is
 reproducible from its seed: the same command gives the same weights on the same machine and
 library versions. What the training does beyond the paper's recipe (MSE, Adam, batch 5000
@@ -285,7 +287,7 @@ for FACILE), all in `server/train.py`, none of it in the architecture:
 **ResNet-50 is not trained**: no pretrained weights can be had offline, and training 23.5 M
 parameters on 224x224 jet images (`data/jets.py` generates labelled top and QCD jets and
 can make such images) is out of reach of a few minutes on two CPU cores. It is served from
-its initialisation after `torch.manual_seed({INIT_SEED})` (`server.weights.INIT_SEED`):
+its initialisation after `torch.manual_seed({INIT_SEED})` (`recorun.server.weights.INIT_SEED`):
 deterministic, so every server and test gets the same parameters, and its outputs are
 meaningless as a top tagger. Its cost (parameters, FLOPs, memory, latency) is that of the
 real model, which is what the throughput studies of the paper measure.
@@ -302,9 +304,9 @@ sharper. Bins with few entries (see the count) say little.
 ### FACILE: HCAL channel energy
 
 {n_channels:,} channels ({args.hcal_events} events x {CHANNELS} channels read out,
-`data.generate.generate_hcal_events(seed={args.seed})`); the target is the channel's
+`recorun.data.generate.generate_hcal_events(seed={args.seed})`); the target is the channel's
 `trueEnergy` (in-time deposited energy). The comparison is the simple two-sample
-reconstruction `data.hcal.simple_energy`: gain x (q3 + q4 - 2 pedestal) / 0.9650 (the
+reconstruction `recorun.data.hcal.simple_energy`: gain x (q3 + q4 - 2 pedestal) / 0.9650 (the
 pulse's containment in TS3 + TS4).
 
 {table(facile_rows, "channels")}
@@ -324,9 +326,9 @@ later. Here the comparison is the simple two-sample method only.
 ### DeepCalo: electron energy
 
 The electrons of {args.electron_events} events
-(`data.generate.generate_electron_events(seed={args.seed})`, about 5 electrons per event,
+(`recorun.data.generate.generate_electron_events(seed={args.seed})`, about 5 electrons per event,
 true energies 5-500 GeV with a spectrum ~E^-1.5). The comparison is the nominal estimate
-`data.ecal.nominal_energy`: the sum over all layers of a window of 3 x 7 middle-layer cells
+`recorun.data.ecal.nominal_energy`: the sum over all layers of a window of 3 x 7 middle-layer cells
 around the image centre, times 1.0158.
 
 {table(deepcalo_rows, "electrons")}
@@ -337,13 +339,13 @@ least 50 electrons), where the nominal window sum's bias runs from {d_nmin:.1%} 
 resolution is {d_rmin:.2f}-{d_rmax:.2f} times the nominal's. The synthetic showers have no
 pileup, no upstream material varying with eta and no eta dependence, the effects DeepCalo
 corrects in ATLAS: here the window sum's resolution is close to that of the whole image's
-sum (`data.ecal.expected_resolution`: 1.23 % at 100 GeV), which leaves an ML model little
+sum (`recorun.data.ecal.expected_resolution`: 1.23 % at 100 GeV), which leaves an ML model little
 to gain.
 
 ## Reproduce
 
-    python -m server.train facile
-    python -m server.train deepcalo
+    python -m recorun.server.train facile
+    python -m recorun.server.train deepcalo
     {command}
 
 `tests/test_models.py` checks the parameter counts, the output shapes of `SPECS`, that the
@@ -351,7 +353,7 @@ trained weights are loaded (and ResNet-50's seeded ones), the trained models' bi
 resolution on a small fresh sample (seed 4242; FACILE above 20 GeV: |bias| < 5 % and
 resolution < 1.5 x the simple method's; DeepCalo above 50 GeV: |bias| < 10 % and
 resolution < 2 x the nominal's; the same checks fail for the untrained models, also when
-those are rescaled to the right median), that `python -m server.validate` writes this
+those are rescaled to the right median), that `python -m recorun.server.validate` writes this
 file, and that training is reproducible from its seed.
 """
 
@@ -359,7 +361,7 @@ file, and that training is reproducible from its seed.
 # ---------------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m server.validate",
+        prog="python -m recorun.server.validate",
         description="Validate FACILE and DeepCalo on fresh synthetic events against truth "
                     "and the non-ML reconstructions; write docs/MODELS.md.")
     parser.add_argument("--out", default=str(DEFAULT_OUT),
@@ -388,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     start = time.perf_counter()
 
-    counts = {name: parameter_count(spec.make()) for name, spec in SPECS.items()}
-    print("parameters (server.models.parameter_count):")
+    counts = {name: parameter_count(make_model(name)) for name in SPECS}
+    print("parameters (recorun.server.models.parameter_count):")
     for name, n in counts.items():
         print(f"  {name:9s} {n:>12,}")
-    print("\nweights' origin (server.weights.origin):")
+    print("\nweights' origin (recorun.server.weights.origin):")
     for name in SPECS:
         print(f"  {name}: {origin(name)}")
 

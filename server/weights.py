@@ -1,7 +1,7 @@
 """Where each model's weights come from, and loading a model ready to serve.
 
-A model's weights are the file ``server/weights/<name>.pt`` when it exists (written by
-``python -m server.train``; it records how it was made), else the model as initialised from
+A model's weights are the file ``server/trained/<name>.pt`` when it exists (written by
+``python -m recorun.server.train``; it records how it was made), else the model as initialised from
 the fixed seed :data:`INIT_SEED` (untrained). :func:`origin` says which, in words that the
 server also publishes with the model. Needs only torch.
 """
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
-from .models import SPECS
+from recorun.model_specs import SPECS
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+from .models import make_model
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "trained"
 INIT_SEED = 2021
 
 
@@ -41,7 +43,7 @@ def load_model(name: str) -> torch.nn.Module:
     if name not in SPECS:
         raise KeyError(f"no model '{name}' (models: {', '.join(SPECS)})")
     torch.manual_seed(INIT_SEED)
-    model = SPECS[name].make()
+    model = make_model(name)
     checkpoint = _checkpoint(name)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["state_dict"])

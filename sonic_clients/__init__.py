@@ -35,7 +35,7 @@ from .base import (
 
 def make_client(config: ClientConfig | dict, services: dict | None = None) -> SonicClient:
     """A begun client for ``config`` from the ServerRegistry among ``services`` (a module's
-    ``self.services``), or from :func:`~sonic_clients.registry.default_registry` when there is
+    ``self.services``), or from :func:`~recorun.sonic_clients.registry.default_registry` when there is
     none. Give it back with ``client.end_job()`` (or ``registry.release(client)``)."""
     from .registry import find_registry
 
@@ -55,7 +55,7 @@ def __getattr__(name: str):
     if name in ("FallbackServer", "FallbackServerError"):
         from . import fallback
         return getattr(fallback, name)
-    raise AttributeError(f"module 'sonic_clients' has no attribute {name!r}")
+    raise AttributeError(f"module 'recorun.sonic_clients' has no attribute {name!r}")
 
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The SONIC client contract that producers program against (CMSSW's ``SonicClient``).
 
 A producer holds one :class:`SonicClient` (made by
-:meth:`sonic_clients.registry.ServerRegistry.client_for` or :func:`sonic_clients.make_client`)
+:meth:`recorun.sonic_clients.registry.ServerRegistry.client_for` or :func:`sonic_clients.make_client`)
 and uses three calls:
 
 * ``describe()`` at begin_job: the model's inputs and outputs (``name -> (shape per row, numpy
@@ -40,7 +40,7 @@ the last gRPC status and message.
 Each client keeps thread-safe counters (:meth:`SonicClient.timing`): calls, requests, retries,
 failovers, failures, rows, bytes sent, packing and round-trip seconds.
 
-Subclasses (:mod:`sonic_clients.triton`, :mod:`sonic_clients.inprocess`) provide
+Subclasses (:mod:`recorun.sonic_clients.triton`, :mod:`recorun.sonic_clients.inprocess`) provide
 ``_fetch_description()`` and ``_submit(call, chunks)``; everything else lives here.
 """
 from __future__ import annotations
@@ -56,14 +56,14 @@ from typing import Any
 
 import numpy as np
 
-LOG = logging.getLogger("sonic_clients")
+LOG = logging.getLogger("recorun.sonic_clients")
 
 MODES = ("async", "sync", "pseudo-async")
 COMPRESSIONS = ("none", "deflate", "gzip")
 CLIENTS = ("triton", "inprocess")
 BACKENDS = ("onnxruntime", "torch")
 #: how a Triton client spreads its requests over the servers that serve its model
-#: (:mod:`sonic_clients.triton`); ``""`` in a :class:`ClientConfig` means the registry's choice
+#: (:mod:`recorun.sonic_clients.triton`); ``""`` in a :class:`ClientConfig` means the registry's choice
 BALANCES = ("first", "round_robin", "least_outstanding")
 
 Done = Callable[[dict | None, BaseException | None], None]
@@ -161,10 +161,10 @@ class ClientConfig:
     ``timeout_s`` may be given as text (``"500 ms"``, ``"5 s"``, ``"2 min"``); it bounds each
     request (each try). ``tries`` is the number of attempts per server (1: no retry), as
     CMSSW's ``allowedTries``. ``server`` names the preferred server of the
-    :class:`~sonic_clients.registry.ServerRegistry`. ``backend`` is for in-process clients only.
+    :class:`~recorun.sonic_clients.registry.ServerRegistry`. ``backend`` is for in-process clients only.
     ``balance`` spreads the requests over the servers that serve the model (one of
     :data:`BALANCES`; empty: the registry's ``balance``, ``first`` by default), see
-    :mod:`sonic_clients.triton`.
+    :mod:`recorun.sonic_clients.triton`.
     """
 
     model: str
@@ -289,8 +289,8 @@ class ModelDescription:
 
 def description_from_spec(name: str, version: str = "", *, max_batch_size: int | None = None,
                           source: str = "") -> ModelDescription:
-    """The description of one of recorun's models (:data:`server.models.SPECS`)."""
-    from server.models import SPECS
+    """The description of one of recorun's models (:data:`recorun.model_specs.SPECS`)."""
+    from recorun.model_specs import SPECS
 
     if name not in SPECS:
         near = difflib.get_close_matches(name, list(SPECS), n=1)
@@ -305,6 +305,29 @@ def description_from_spec(name: str, version: str = "", *, max_batch_size: int |
                 for t in tensors}
     return ModelDescription(name, version, info(spec.inputs), info(spec.outputs),
                             int(max_batch_size or spec.max_batch_size), source)
+
+
+def merge_descriptions(model: str, found: Sequence[ModelDescription]) -> ModelDescription:
+    """One description of ``model`` from what several servers report, the preferred server's
+    first. The one rule, wherever servers are combined: every server must serve the same
+    tensors (names, shapes per row, dtypes), else the deployment is inconsistent and
+    :class:`ClientConfigError` names the two servers that disagree; the batch limit is the
+    smallest any of them accepts, so that every request fits every server."""
+    if not found:
+        raise ClientConfigError(f"model '{model}': no server serves it")
+    first = found[0]
+    smallest = first.max_batch_size
+    for other in found[1:]:
+        if not first.same_tensors(other):
+            raise ClientConfigError(
+                f"model '{model}': {first.source} and {other.source} serve different tensors "
+                f"({first.tensors_text()} vs {other.tensors_text()}); every server of a model "
+                f"must serve the same tensors")
+        smallest = min(smallest, other.max_batch_size)
+    if smallest == first.max_batch_size:
+        return first
+    return ModelDescription(first.model, first.version, first.inputs, first.outputs, smallest,
+                            first.source, first.extra)
 
 
 _TRITON_DATATYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int8": "INT8",

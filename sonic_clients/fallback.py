@@ -1,29 +1,22 @@
 """The local fallback server: a ``recorun-server`` that recorun starts and stops itself.
 
-:class:`FallbackServer` runs ``[sys.executable, "-m", "server.cli", "--models", ...,
-"--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *options]`` in its own session
-(process group = its PID), waits for its ``READY grpc=... http=... metrics=...`` line (its
+:class:`FallbackServer` runs ``[sys.executable, "-m", "recorun.server.cli", "--models", ...,
+"--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", *options]`` as a
+:class:`~recorun.processes.ChildProcess` (its own session; SIGTERM from the kernel should the
+job die; stopped at exit), waits for its ``READY grpc=... http=... metrics=...`` line (its
 stderr goes to a log file; on failure the log's tail is printed to stderr and
 :class:`FallbackServerError` carries it), and stops it with SIGTERM (then SIGKILL to the process
-group if it hangs or leaves anything behind).
+group if it hangs or leaves anything behind). The registry stops it at end_job (or when its last
+client is released).
 
-Nothing may orphan it:
-
-* the registry stops it at end_job (or when its last client is released);
-* an ``atexit`` hook stops every fallback server still running when the interpreter exits
-  (after Ctrl-C too);
-* on Linux the server also gets ``PR_SET_PDEATHSIG = SIGTERM``: should the job's process die
-  without running ``atexit`` (a second Ctrl-C's ``os._exit``, SIGKILL), the kernel sends the
-  server SIGTERM and it stops cleanly. The death signal follows the *thread* that forked, so the
-  server is started from a watcher thread that lives exactly as long as the server process.
+An ``atexit`` hook stops any fallback server left running when the job's interpreter exits.
+The server needs the ``server`` extra (torch, nvidia-pytriton) in this Python environment: a
+job that would need a fallback server without it stops before its first event, naming it.
 """
 from __future__ import annotations
 
 import atexit
-import importlib.util
-import os
-import selectors
-import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,7 +25,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from server.processes import child_preexec, group_alive, kill_group
+from recorun.framework.extras import check
+from recorun.processes import ChildProcess
 
 from .base import LOG, SonicError
 
@@ -41,6 +35,9 @@ STOP_TIMEOUT_S = 30.0
 
 _RUNNING: set[FallbackServer] = set()
 _RUNNING_LOCK = threading.Lock()
+
+#: what recorun-server needs that the core install does not have
+SERVER_PACKAGES = {"torch": "recorun[server]", "pytriton": "recorun[server]"}
 
 
 class FallbackServerError(SonicError):
@@ -51,11 +48,10 @@ class FallbackServerError(SonicError):
         self.log = log
 
 
-def _project_root() -> str | None:
-    spec = importlib.util.find_spec("server")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return str(Path(next(iter(spec.submodule_search_locations))).resolve().parent)
+def check_server_installed() -> None:
+    """MissingExtra (a configuration error) when recorun-server cannot run here."""
+    check(SERVER_PACKAGES, "the local fallback server (a SONIC model that no configured "
+                           "server provides)")
 
 
 class FallbackServer:
@@ -73,30 +69,34 @@ class FallbackServer:
         self.models = tuple(models)
         self.options = tuple(str(o) for o in options)
         self.ready_timeout_s = float(ready_timeout_s)
-        self.command = [python or sys.executable, "-m", "server.cli",
+        self.command = [python or sys.executable, "-m", "recorun.server.cli",
                         "--models", ",".join(self.models), "--grpc-port", "0",
                         "--http-port", "0", "--metrics-port", "0", *self.options]
-        self.process: subprocess.Popen | None = None
-        self.pid: int | None = None
+        self.child: ChildProcess | None = None
         self.grpc = self.http = self.metrics = ""
         self.ready_line = ""
         self.started_s = 0.0
         self.exit_code: int | None = None
         self._logdir = Path(tempfile.mkdtemp(prefix="recorun-fallback-"))
         self.log_path = self._logdir / "recorun-server.log"
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
-        self._watcher: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._stopped = False
+        self._started = False
 
     def __repr__(self) -> str:
         return (f"FallbackServer(models={list(self.models)}, pid={self.pid}, "
                 f"grpc={self.grpc or None})")
 
     @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.child.process if self.child is not None else None
+
+    @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self.child is not None and self.child.running
 
     def log(self) -> str:
         try:
@@ -109,20 +109,40 @@ class FallbackServer:
         """Start the server and wait until it is READY; raise :class:`FallbackServerError`
         (after printing its log to stderr) if it is not within ``ready_timeout_s``."""
         with self._lock:
-            if self._watcher is not None:
+            if self._started:
                 raise RuntimeError(f"{self!r} was already started")
-            self._watcher = threading.Thread(target=self._watch, daemon=True,
-                                             name=f"fallback-server-{'+'.join(self.models)}")
-            began = time.perf_counter()
-            self._watcher.start()
-        self._ready.wait(self.ready_timeout_s + 10)
+            self._started = True
+        began = time.perf_counter()
+        problem = None
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
+        try:
+            with open(self.log_path, "w") as log:
+                self.child = ChildProcess(self.command, name=f"fallback-server-"
+                                          f"{'+'.join(self.models)}", stdout=subprocess.PIPE,
+                                          stderr=log, cpus=self.cpus).start()
+            line = self.child.read_line(self.ready_timeout_s)
+            if line.startswith("READY "):
+                fields = dict(item.split("=", 1) for item in line.split()[1:] if "=" in item)
+                self.grpc, self.http = fields.get("grpc", ""), fields.get("http", "")
+                self.metrics = fields.get("metrics", "")
+                self.ready_line = line if self.grpc else ""
+            if not self.ready_line:
+                try:                                    # stdout closed: it is exiting
+                    self.exit_code = self.child.process.wait(5)
+                except subprocess.TimeoutExpired:
+                    self.exit_code = None
+                problem = (f"it printed {line!r} instead of a READY line" if line else
+                           f"no READY line within {self.ready_timeout_s:.0f} s"
+                           if self.exit_code is None else "it exited before it was ready")
+        except OSError as exc:                          # the command cannot start
+            problem = exc
         self.started_s = time.perf_counter() - began
-        if self._start_error is not None or not self.ready_line:
-            self._kill_group()
+        if problem is not None:
+            self.kill()
             log = self.log()
-            reason = self._start_error or "no READY line"
             message = (f"the fallback recorun-server for {', '.join(self.models)} did not "
-                       f"start: {reason} (exit code {self.exit_code}, command "
+                       f"start: {problem} (exit code {self.exit_code}, command "
                        f"{' '.join(self.command)}); its log ({self.log_path}) ends:\n"
                        f"{log[-4000:]}")
             print(message, file=sys.stderr, flush=True)
@@ -131,125 +151,45 @@ class FallbackServer:
                  self.grpc, self.started_s, self.pid)
         return self
 
-    def _watch(self) -> None:
-        """Starts the server, reads its READY line, then waits for it to exit: the death
-        signal is tied to this thread."""
-        env = dict(os.environ)
-        root = _project_root()
-        if root:
-            env["PYTHONPATH"] = os.pathsep.join(
-                [root, *filter(None, [env.get("PYTHONPATH", "")])])
-        try:
-            with open(self.log_path, "w") as log:
-                self.process = subprocess.Popen(
-                    self.command, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=child_preexec(self.cpus))
-            self.pid = self.process.pid
-            with _RUNNING_LOCK:
-                _RUNNING.add(self)
-            line = self._read_ready_line()
-            if line.startswith("READY "):
-                fields = dict(item.split("=", 1) for item in line.split()[1:] if "=" in item)
-                self.grpc, self.http = fields.get("grpc", ""), fields.get("http", "")
-                self.metrics = fields.get("metrics", "")
-                self.ready_line = line if self.grpc else ""
-            if not self.ready_line:
-                try:                                    # stdout closed: it is exiting
-                    self.exit_code = self.process.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.exit_code = None
-                self._start_error = FallbackServerError(
-                    f"it printed {line!r} instead of a READY line" if line else
-                    f"no READY line within {self.ready_timeout_s:.0f} s"
-                    if self.exit_code is None else "it exited before it was ready")
-        except BaseException as exc:                    # Popen failed
-            self._start_error = exc
-        finally:
-            self._ready.set()
-        if self.ready_line:
-            self.exit_code = self.process.wait()
-
-    def _read_ready_line(self) -> str:
-        deadline = time.monotonic() + self.ready_timeout_s
-        fd = self.process.stdout.fileno()
-        data = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(fd, selectors.EVENT_READ)
-            while b"\n" not in data:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if selector.select(min(left, 0.5)):
-                    chunk = os.read(fd, 4096)
-                    if not chunk:
-                        break
-                    data += chunk
-                elif self.process.poll() is not None:
-                    break
-        return data.decode(errors="replace").strip().splitlines()[0] if data.strip() else ""
-
-    # stop ----------------------------------------------------------------------------------
+    # stop ---------------------------------------------------------------------------------
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
         """SIGTERM, wait; SIGKILL the process group if it hangs or leaves processes behind.
         Returns the exit code. Idempotent."""
-        with self._lock:
-            if self._stopped or self.process is None:
-                self._stopped = True
-                return self.exit_code
-            self._stopped = True
-        process = self.process
-        if process.poll() is None:
-            try:
-                os.kill(process.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                LOG.warning("fallback server (pid %d) did not stop within %.0f s of SIGTERM; "
-                            "killing its process group", process.pid, timeout_s)
-                self._kill_group()
-        self.exit_code = process.poll()
-        deadline = time.monotonic() + 10.0
-        while group_alive(process.pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if group_alive(process.pid):
-            LOG.warning("fallback server (pid %d) left processes behind; killing its process "
-                        "group", process.pid)
-            self._kill_group()
-        if process.stdout and not process.stdout.closed:
-            process.stdout.close()
-        if self._watcher is not None and self._watcher is not threading.current_thread():
-            self._watcher.join(5)
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
+        if self.child is None:
+            return self.exit_code
+        self.exit_code = self.child.stop(timeout_s)
         if self.exit_code == 0 or not self.ready_line:     # clean, or already printed
-            import shutil
-
             shutil.rmtree(self._logdir, ignore_errors=True)
         else:
-            LOG.warning("fallback server (pid %d) exited with %s; its log: %s", process.pid,
+            LOG.warning("fallback server (pid %d) exited with %s; its log: %s", self.pid,
                         self.exit_code, self.log_path)
         LOG.info("fallback server for %s stopped (exit code %s)", ", ".join(self.models),
                  self.exit_code)
         return self.exit_code
 
-    def _kill_group(self) -> None:
-        kill_group(self.process)
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group at once."""
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
+        if self.child is not None:
+            self.child.kill()
+            self.exit_code = self.child.exit_code
 
 
 def running_servers() -> list[FallbackServer]:
-    """The fallback servers of this process that are not stopped yet."""
+    """The fallback servers of this process that were started and are not stopped yet."""
     with _RUNNING_LOCK:
         return list(_RUNNING)
 
 
 @atexit.register
 def _stop_all_at_exit() -> None:
+    """Stop the fallback servers still running when the interpreter exits (after Ctrl-C too),
+    cleanly, so that their log folders go with them."""
     for server in running_servers():
         try:
             server.stop(timeout_s=15.0)
         except Exception:                               # pragma: no cover
-            server._kill_group()
+            server.kill()

@@ -1,13 +1,15 @@
 """In-process inference (the paper's "direct connection" baseline) behind the same contract.
 
-:class:`InProcessClient` runs one of recorun's models (:data:`server.models.SPECS`, weights from
-:func:`server.weights.load_model`) inside the job's process:
+:class:`InProcessClient` runs one of recorun's models (:data:`recorun.model_specs.SPECS`) with its
+trained weights inside the job's process, through :func:`recorun.server.runtime.load_runner`,
+the one place where the job side loads the server's code (the ``server`` extra: torch and
+onnxruntime; a missing one is a configuration error naming it):
 
 * ``backend: onnxruntime`` (default): the model is exported to ONNX at begin_job
-  (:func:`server.export.export_onnx`, into a temporary directory removed as soon as the session
-  is made) and run by :class:`server.serve.OnnxRunner` (one intra-op thread per call, no
+  (:func:`recorun.server.export.export_onnx`, into a temporary directory removed as soon as the session
+  is made) and run by :class:`recorun.server.serve.OnnxRunner` (one intra-op thread per call, no
   spinning: concurrent calls from several streams run side by side);
-* ``backend: torch``: eager torch in ``inference_mode`` (:class:`server.serve.TorchRunner`).
+* ``backend: torch``: eager torch in ``inference_mode`` (:class:`recorun.server.serve.TorchRunner`).
 
 The runner of a (model, backend) is made once per process and shared by every client (both
 runners are safe to call from several threads). ``describe()`` gives the model's tensors and
@@ -17,13 +19,12 @@ caller's thread; ``async`` and ``pseudo-async`` on the client's own one-thread p
 """
 from __future__ import annotations
 
-import shutil
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
+
+from recorun.framework.extras import check
 
 from .base import (
     Call,
@@ -43,21 +44,14 @@ _LOADING: dict[tuple[str, str], threading.Lock] = {}
 
 
 def _make_runner(model: str, backend: str):
-    from server.models import SPECS
-    from server.serve import OnnxRunner, TorchRunner
-    from server.weights import load_model
+    user = f"in-process inference (client: inprocess, backend: {backend})"
+    check({"torch": "recorun[server]"}, user)
+    if backend == "onnxruntime":
+        check({"onnxruntime": "recorun[server]", "onnx": "recorun[server]",
+               "onnxscript": "recorun[server]"}, user)
+    from recorun.server.runtime import load_runner
 
-    torch_model = load_model(model)
-    if backend == "torch":
-        return TorchRunner(torch_model)
-    from server.export import export_onnx
-
-    workdir = Path(tempfile.mkdtemp(prefix=f"recorun-inprocess-{model}-"))
-    try:
-        path = export_onnx(model, torch_model, workdir / "model.onnx")
-        return OnnxRunner(path, SPECS[model], threads=1)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    return load_runner(model, backend)
 
 
 def runner_for(model: str, backend: str):

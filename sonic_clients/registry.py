@@ -22,14 +22,16 @@ How a model is resolved (in ``client_for``):
 2. For each model a client asks for, each live server is asked ``is_model_ready`` and, if so,
    for the model's metadata and config (pytriton keeps the model-repository index closed, so
    the registry asks per model, lazily, and caches the answers). The client gets every server
-   that serves the model, the preferred one (``ClientConfig.server``) first; a server whose
-   tensors differ from the first one's is skipped with a warning.
+   that serves the model, the preferred one (``ClientConfig.server``) first. Servers that
+   serve different tensors for one model are a configuration error naming them; the batch
+   limit is the smallest (:func:`~recorun.sonic_clients.base.merge_descriptions`, the one
+   rule wherever servers are combined).
 3. The client spreads its requests over those servers by its ``balance`` (the producer's
-   ``balance`` parameter, else the registry's; see :mod:`sonic_clients.triton`): ``first``
+   ``balance`` parameter, else the registry's; see :mod:`recorun.sonic_clients.triton`): ``first``
    (the preferred server, the others on failover), ``round_robin`` or ``least_outstanding``.
 4. A model that no configured server provides goes to the local **fallback server**
-   (:class:`~sonic_clients.fallback.FallbackServer`), unless ``fallback: false`` (then
-   ``client_for`` raises :class:`~sonic_clients.base.ClientConfigError` saying which servers
+   (:class:`~recorun.sonic_clients.fallback.FallbackServer`), unless ``fallback: false`` (then
+   ``client_for`` raises :class:`~recorun.sonic_clients.base.ClientConfigError` saying which servers
    were asked and what each said).
 
 The fallback server is started lazily, when the first request for one of its models goes out
@@ -37,7 +39,7 @@ The fallback server is started lazily, when the first request for one of its mod
 outside their timeout). By then every producer has asked for its client (all ``begin_job``\\ s
 run before the first event), so one fallback server serves every model that needs it. Until
 it runs, the fallback clients' ``describe()`` comes from the models' specs
-(:data:`server.models.SPECS`, with ``--max-batch-size`` of ``fallback_options``); once it runs,
+(:data:`recorun.model_specs.SPECS`, with ``--max-batch-size`` of ``fallback_options``); once it runs,
 the registry checks the server's metadata against that. A model first asked for after the
 fallback server started gets a second one (logged). The registry stops its fallback server
 at ``end_job``, or when its last client is released, and an ``atexit`` hook stops any left.
@@ -52,8 +54,8 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
-from framework.params import Param, ParamError
-from framework.service import Service
+from recorun.framework.params import Param, ParamError
+from recorun.framework.service import Service
 
 from .base import (
     BALANCES,
@@ -63,6 +65,7 @@ from .base import (
     ModelDescription,
     SonicClient,
     description_from_spec,
+    merge_descriptions,
     parse_duration,
 )
 from .triton import Endpoint, TritonClient, status_of
@@ -250,6 +253,7 @@ class ServerRegistry(Service):
 
     def end_job(self) -> None:
         """End every client still held, stop the fallback server(s), close connections."""
+        self._final_status = self.status()
         with self._lock:
             clients, self._clients = self._clients, []
         for client in clients:
@@ -325,31 +329,20 @@ class ServerRegistry(Service):
                                     f"{', '.join(names) or 'none'})")
         endpoints.sort(key=lambda ep: ep.name != config.server)     # preferred first
         chosen: list[Endpoint] = []
-        description: ModelDescription | None = None
+        found: list[ModelDescription] = []
         problems: list[str] = []
         for ep in endpoints:
             if not ep.live:
                 problems.append(f"{ep.label()} is not reachable ({ep.problem})")
                 continue
             try:
-                found = ep.model_description(config.model, config.version, self.probe_timeout_s)
+                found.append(ep.model_description(config.model, config.version,
+                                                  self.probe_timeout_s))
             except ClientConfigError as exc:
                 problems.append(str(exc))
                 continue
-            if description is None:
-                description = found
-            elif not description.same_tensors(found):
-                LOG.warning("ServerRegistry: %s serves model '%s' as %s, %s as %s; skipped",
-                            ep.label(), config.model, found.tensors_text(),
-                            description.source, description.tensors_text())
-                problems.append(f"{ep.label()} serves different tensors")
-                continue
-            elif found.max_batch_size < description.max_batch_size:
-                description = ModelDescription(
-                    description.model, description.version, description.inputs,
-                    description.outputs, found.max_batch_size, description.source,
-                    description.extra)
             chosen.append(ep)
+        description = merge_descriptions(config.model, found) if found else None
         if config.server and (not chosen or chosen[0].name != config.server):
             LOG.warning("ServerRegistry: preferred server '%s' does not serve model '%s'; "
                         "using %s", config.server, config.model,
@@ -369,7 +362,10 @@ class ServerRegistry(Service):
 
     # fallback ------------------------------------------------------------------------------
     def _fallback_endpoint(self, config: ClientConfig) -> FallbackEndpoint:
+        from .fallback import check_server_installed
+
         self._fallback_description(config.model, config.version)    # checks model + options
+        check_server_installed()
         with self._lock:
             if config.model not in self._fallback_models:
                 self._fallback_models.append(config.model)
@@ -383,22 +379,27 @@ class ServerRegistry(Service):
                                      source="the local fallback recorun-server")
 
     def _parse_fallback_options(self) -> int | None:
-        """Check ``fallback_options`` with recorun-server's own parser; its max batch size."""
-        import contextlib
-        import io
+        """Check ``fallback_options`` with recorun-server itself (``--check-options``, a
+        subprocess: recorun-server's parser is the server's business); their
+        ``--max-batch-size``, or None (each model's own)."""
+        if not self.fallback_options:
+            return None
+        import subprocess
+        import sys
 
-        from server.cli import serve_parser
-
-        errors = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(errors):
-                args = serve_parser().parse_args(list(self.fallback_options))
-        except SystemExit:
-            raise ClientConfigError(
-                "ServerRegistry: fallback_options "
-                f"{self.fallback_options} are not valid recorun-server options: "
-                f"{errors.getvalue().strip().splitlines()[-1:]}") from None
-        return args.max_batch_size
+        check = subprocess.run([sys.executable, "-m", "recorun.server.cli", "--check-options",
+                                *self.fallback_options], capture_output=True, text=True,
+                               timeout=60, stdin=subprocess.DEVNULL)
+        if check.returncode != 0:
+            reason = (check.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise ClientConfigError(f"ServerRegistry: fallback_options {self.fallback_options} "
+                                    f"are not valid recorun-server options: {reason}")
+        options, size = list(self.fallback_options), None
+        for i, option in enumerate(options):
+            name, eq, value = option.partition("=")
+            if name == "--max-batch-size":
+                size = int(value if eq else options[i + 1])
+        return size
 
     def _launch_for(self, model: str) -> _FallbackLaunch:
         """The fallback server that serves ``model``, started (in the background) for every
@@ -435,6 +436,16 @@ class ServerRegistry(Service):
         """The FallbackServers of this job so far (started or starting)."""
         with self._lock:
             return [launch.server for launch in self._launches]
+
+    def report(self) -> dict | None:
+        """The job report's ``services`` entry: the servers, whether each was live, and the
+        models the local fallback server served (as they were at end_job)."""
+        status = getattr(self, "_final_status", None)
+        if status is None:
+            return None
+        return {"servers": [{k: s[k] for k in ("name", "address", "live", "problem")}
+                            for s in status["servers"]],
+                "balance": status["balance"], "fallback_models": status["fallback_models"]}
 
     def status(self) -> dict:
         """Servers, their liveness, models sent to the fallback, clients held."""

@@ -2,7 +2,7 @@
 
 :class:`Endpoint` is one Triton server (name, ``host:port``, TLS options) with one shared
 ``tritonclient.grpc.InferenceServerClient`` (its methods are thread-safe); the
-:class:`~sonic_clients.registry.ServerRegistry` owns the endpoints and gives each client the
+:class:`~recorun.sonic_clients.registry.ServerRegistry` owns the endpoints and gives each client the
 list of those that serve its model, the preferred one first.
 
 :class:`TritonClient` sends each chunk of an ``infer`` call (at most ``max_batch_size`` rows)
@@ -17,7 +17,7 @@ as one request:
 Retries and failover: a request that fails (any gRPC status but ``INVALID_ARGUMENT``, which
 would fail anywhere) or times out (``DEADLINE_EXCEEDED``) is sent again to the same server up
 to ``tries`` times in all, then to the next server that has the model (``tries`` again), then
-the call fails with :class:`~sonic_clients.base.InferenceError`. What happens to a server that
+the call fails with :class:`~recorun.sonic_clients.base.InferenceError`. What happens to a server that
 exhausted its tries depends on the balancing policy (below): later requests start with one that
 works.
 
@@ -64,6 +64,7 @@ from .base import (
     SonicClient,
     SonicError,
     TensorInfo,
+    merge_descriptions,
     now,
     shutdown_pool,
 )
@@ -342,28 +343,19 @@ class TritonClient(SonicClient):
         if self._given_description is not None:
             desc = self._given_description
         else:
-            problems, desc, serving = [], None, []
+            problems, found, serving = [], [], []
             for ep in self.endpoints:
                 try:
-                    found = ep.model_description(self.config.model, self.config.version,
-                                                 self.probe_timeout_s)
+                    found.append(ep.model_description(self.config.model, self.config.version,
+                                                      self.probe_timeout_s))
                 except ClientConfigError as exc:
                     problems.append(str(exc))
                     continue
-                if desc is None:
-                    desc = found
-                elif not desc.same_tensors(found):
-                    raise ClientConfigError(
-                        f"model '{self.config.model}': {desc.source} and {found.source} serve "
-                        f"different tensors ({desc.tensors_text()} vs {found.tensors_text()})")
-                elif found.max_batch_size < desc.max_batch_size:
-                    desc = ModelDescription(desc.model, desc.version, desc.inputs,
-                                            desc.outputs, found.max_batch_size, desc.source,
-                                            desc.extra)
                 serving.append(ep)
-            if desc is None:
+            if not found:
                 raise ClientConfigError(f"model '{self.config.model}': no server serves it: "
                                         + "; ".join(problems))
+            desc = merge_descriptions(self.config.model, found)
             for problem in problems:
                 LOG.warning("model '%s': %s; not used", self.config.model, problem)
             with self._order_lock:
@@ -598,7 +590,7 @@ class TritonClient(SonicClient):
     # server-side time -----------------------------------------------------------------------
     def _take_baseline(self, endpoint: Endpoint) -> None:
         """Read the model's statistics on ``endpoint`` before this client's first request
-        there (see :mod:`sonic_clients.server_stats`)."""
+        there (see :mod:`recorun.sonic_clients.server_stats`)."""
         with self._baseline_lock:
             if endpoint in self._baselines:
                 return
@@ -639,7 +631,7 @@ class TritonClient(SonicClient):
 
     def timing(self) -> dict:
         """The base counters, and the server-side figures of
-        :func:`~sonic_clients.server_stats.server_time` once the client has ended."""
+        :func:`~recorun.sonic_clients.server_stats.server_time` once the client has ended."""
         values = super().timing()
         values.update(self._server_time)
         values["balance"] = self.balance

@@ -1,8 +1,17 @@
-"""Shared helpers for the scheduler and report tests.
+"""The test suite's fixtures (tests take them as arguments; nothing imports this file).
 
-``Recorder`` is how test modules report what they did: it is passed to modules as a workflow
-parameter, and since ``run_workflow`` deep-copies the workflow, it returns itself from
-``__deepcopy__`` so that every copy of a module (one per stream) writes to the test's object.
+* ``new_recorder``: the :class:`Recorder` class; test modules report what they did into a
+  recorder, passed to them as a workflow parameter (``run_workflow`` deep-copies the workflow,
+  and a recorder returns itself from ``__deepcopy__`` so that every copy of a module, one per
+  stream, writes to the test's object);
+* ``workflow``: builds a workflow mapping on an EmptySource;
+* ``run_guarded``: runs a workflow in a thread and fails the test instead of hanging;
+* ``recorun_server_process``: :class:`RecorunServerProcess`, a recorun-server subprocess;
+  ``triton_server``: one such server with all three models for the whole session.
+
+Markers (pyproject.toml): ``server`` (a real Triton server), ``dask``, ``nginx``,
+``subprocess``, ``install``; ``pytest -m "not server and not dask and not install"`` is the fast
+inner loop.
 """
 from __future__ import annotations
 
@@ -11,7 +20,7 @@ from collections import Counter
 
 import pytest
 
-from framework import run_workflow
+from recorun import run_workflow
 
 
 class Recorder:
@@ -38,12 +47,32 @@ class Recorder:
         return Counter(e[len(prefix):] for e in self.where(*prefix))
 
 
+#: fixtures that start something, and the marker a test that uses them gets
+MARKERS_BY_FIXTURE = {"triton_server": "server", "recorun_server_process": "server",
+                      "dask_cluster": "dask"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests that start a Triton server or a Dask cluster through a fixture (the
+    modules that start them otherwise set ``pytestmark`` themselves)."""
+    for item in items:
+        for fixture, marker in MARKERS_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
 @pytest.fixture
 def recorder() -> Recorder:
     return Recorder()
 
 
-def workflow(modules: dict, paths: dict | None = None, endpaths: dict | None = None, *,
+@pytest.fixture(scope="session")
+def new_recorder() -> type[Recorder]:
+    """The Recorder class, for tests that need several recorders."""
+    return Recorder
+
+
+def make_workflow(modules: dict, paths: dict | None = None, endpaths: dict | None = None, *,
              events: int = 20, **process) -> dict:
     """A workflow dict on an EmptySource of ``events`` events numbered 1, 2, ..."""
     process.setdefault("report_every_s", 0)
@@ -52,7 +81,13 @@ def workflow(modules: dict, paths: dict | None = None, endpaths: dict | None = N
             "modules": modules, "paths": paths or {}, "endpaths": endpaths or {}}
 
 
-def run_guarded(wf: dict, timeout: float = 60.0, **kwargs):
+@pytest.fixture(scope="session")
+def workflow():
+    """``workflow(modules, paths, endpaths, events=20, **process)``: see :func:`make_workflow`."""
+    return make_workflow
+
+
+def guarded_run(wf: dict, timeout: float = 60.0, **kwargs):
     """Run a workflow in a daemon thread; fail the test (not hang) if it does not finish."""
     box: dict = {}
 
@@ -70,6 +105,12 @@ def run_guarded(wf: dict, timeout: float = 60.0, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+@pytest.fixture(scope="session")
+def run_guarded():
+    """``run_guarded(workflow, timeout=60, **run_workflow_kwargs)``: see :func:`guarded_run`."""
+    return guarded_run
 
 
 # --- recorun-server: a real Triton server for tests/test_server.py (and any test that needs one)
@@ -103,7 +144,7 @@ class RecorunServerProcess:
     @staticmethod
     def command() -> list[str]:
         script = _Path(_sys.executable).with_name("recorun-server")
-        return [str(script)] if script.exists() else [_sys.executable, "-m", "server.cli"]
+        return [str(script)] if script.exists() else [_sys.executable, "-m", "recorun.server.cli"]
 
     @staticmethod
     def environment(**extra: str) -> dict:
@@ -113,12 +154,13 @@ class RecorunServerProcess:
         return env
 
     @classmethod
-    def launch(cls, *args: str, log_dir, timeout: float = 120.0, env: dict | None = None
-               ) -> RecorunServerProcess:
+    def launch(cls, *args: str, log_dir, timeout: float = 120.0, env: dict | None = None,
+               command: list[str] | None = None) -> RecorunServerProcess:
+        """Start ``command`` (default: recorun-server) with ``args``; its READY line read."""
         log_path = _Path(log_dir) / f"recorun-server-{_time.monotonic_ns()}.log"
         began = _time.perf_counter()
         with open(log_path, "w") as log:
-            process = _subprocess.Popen([*cls.command(), *args], stdout=_subprocess.PIPE,
+            process = _subprocess.Popen([*(command or cls.command()), *args], stdout=_subprocess.PIPE,
                                         stderr=log, stdin=_subprocess.DEVNULL,
                                         env=env or cls.environment(), start_new_session=True)
         line = b""
@@ -174,6 +216,11 @@ class RecorunServerProcess:
                 self.rest_of_stdout = self.process.stdout.read().decode(errors="replace")
                 self.process.stdout.close()
         return code
+
+
+@pytest.fixture(scope="session")
+def recorun_server_process() -> type[RecorunServerProcess]:
+    return RecorunServerProcess
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Balancing SONIC requests over several real recorun-servers: the clients' own policies
 (``balance: first | round_robin | least_outstanding``) and a real nginx gRPC balancer
-(:mod:`server.balancer`).
+(:mod:`recorun.server.balancer`).
 
 Servers: four FACILE-only recorun-servers started together for the module: ``a`` and ``b``
 take the balanced requests; ``victim1`` and ``victim2`` have their tritonserver killed
@@ -28,11 +28,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RecorunServerProcess, run_guarded  # tests/ is on sys.path
 
-from framework import Analyzer, InputTag, Param
-from framework.params import ParamError
-from server.balancer import (
+from recorun import Analyzer, InputTag, Param
+from recorun.framework.params import ParamError
+from recorun.server.balancer import (
     BalancerError,
     NginxBalancer,
     NginxNotFoundError,
@@ -41,12 +40,14 @@ from server.balancer import (
     nginx_build,
     running_balancers,
 )
-from server.processes import descendants
-from sonic_clients import ClientConfig, ClientConfigError
-from sonic_clients.inprocess import InProcessClient
-from sonic_clients.registry import ServerRegistry
-from sonic_clients.server_stats import parse_statistics
-from sonic_clients.triton import DOWN_S, TritonClient
+from recorun.processes import descendants
+from recorun.sonic_clients import ClientConfig, ClientConfigError
+from recorun.sonic_clients.inprocess import InProcessClient
+from recorun.sonic_clients.registry import ServerRegistry
+from recorun.sonic_clients.server_stats import parse_statistics
+from recorun.sonic_clients.triton import DOWN_S, TritonClient
+
+pytestmark = [pytest.mark.nginx, pytest.mark.server]
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "samples" / "hlt_sample.root"
@@ -57,7 +58,7 @@ RTOL, ATOL = 1e-4, 1e-5
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def served(server: RecorunServerProcess) -> int:
+def served(server) -> int:
     """FACILE requests answered by ``server``, as the server itself counts them."""
     import tritonclient.grpc as grpcclient
 
@@ -81,11 +82,11 @@ def served_since(before: dict, total: int, timeout: float = 5.0) -> dict:
         time.sleep(0.05)
 
 
-def snapshot(**servers: RecorunServerProcess) -> dict:
+def snapshot(**servers) -> dict:
     return {name: (server, served(server)) for name, server in servers.items()}
 
 
-def tritonserver_pid(server: RecorunServerProcess) -> int:
+def tritonserver_pid(server) -> int:
     for pid in descendants(server.pid):
         try:
             if Path(f"/proc/{pid}/comm").read_text().strip() == "tritonserver":
@@ -95,7 +96,7 @@ def tritonserver_pid(server: RecorunServerProcess) -> int:
     raise AssertionError(f"recorun-server {server.pid} has no tritonserver child")
 
 
-def repository_copies(server: RecorunServerProcess) -> set[Path]:
+def repository_copies(server) -> set[Path]:
     """tritonserver's local copies of its model repository (``/tmp/folderXXXXXX``), named in
     the command lines of its python-backend stubs: removed on a clean stop, left behind when
     tritonserver is killed."""
@@ -118,7 +119,7 @@ class Victims:
     def __init__(self):
         self.leftovers: set[Path] = set()
 
-    def kill(self, server: RecorunServerProcess) -> None:
+    def kill(self, server) -> None:
         self.leftovers |= repository_copies(server)
         os.kill(tritonserver_pid(server), signal.SIGKILL)
 
@@ -148,14 +149,14 @@ class Collector:
 # --- fixtures --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def servers(tmp_path_factory, recorun_server_process):
     """Four FACILE recorun-servers, started together: a, b, victim1, victim2."""
     log_dir = tmp_path_factory.mktemp("balancing-servers")
     names = ("a", "b", "victim1", "victim2")
     victims = Victims()
     started, errors = {}, []
     with ThreadPoolExecutor(len(names)) as pool:
-        futures = {name: pool.submit(RecorunServerProcess.launch, *FACILE, log_dir=log_dir)
+        futures = {name: pool.submit(recorun_server_process.launch, *FACILE, log_dir=log_dir)
                    for name in names}
         for name, future in futures.items():
             try:
@@ -221,7 +222,7 @@ def no_balancer_left_behind():
 # --- configuration and the order of servers (no server needed) -------------------------------
 
 def test_balance_configuration():
-    from producers.facile import FacileProducer
+    from recorun.producers.facile import FacileProducer
 
     assert ClientConfig("facile").balance == ""
     assert ClientConfig.from_dict({"model": "facile", "balance": "round_robin"}).balance \
@@ -278,7 +279,7 @@ def test_order_of_servers_per_policy(monkeypatch):
     rr._answered(rr.endpoints[1])                     # it answered: back in turn
     assert "server1" in _first_servers(rr, 3)
     assert DOWN_S > 1.0
-    monkeypatch.setattr("sonic_clients.triton.DOWN_S", 0.05)
+    monkeypatch.setattr("recorun.sonic_clients.triton.DOWN_S", 0.05)
     rr._demote(rr.endpoints[1])
     assert [ep.name for ep in rr._route().endpoints][-1] == "server1"
     time.sleep(0.1)
@@ -350,7 +351,7 @@ def hlt_workflow(recorder, registry: dict, events: int, **producer) -> dict:
     }
 
 
-def test_producer_balance_parameter_in_a_workflow(servers, recorder):
+def test_producer_balance_parameter_in_a_workflow(servers, recorder, run_guarded):
     """FacileProducer's own ``balance: round_robin`` overrides the registry's ``first``: the
     HLT sample's events alternate between the two servers."""
     a, b = servers["a"], servers["b"]
@@ -417,7 +418,7 @@ def test_client_side_failover_when_a_balanced_server_dies(servers, inputs_and_wa
 
 # --- the nginx gRPC balancer -----------------------------------------------------------------
 
-def test_nginx_balancer_spreads_a_workflows_requests(servers, nginx, recorder):
+def test_nginx_balancer_spreads_a_workflows_requests(servers, nginx, recorder, run_guarded):
     """A workflow whose ServerRegistry names only the balancer: nginx passes its requests to
     both servers (each server's statistics and nginx's access log agree); stop() ends nginx
     and removes its prefix directory."""
@@ -502,7 +503,7 @@ def test_recorun_balancer_command(servers, nginx, inputs_and_want, tmp_path):
     inputs, want = inputs_and_want
     a, b = servers["a"], servers["b"]
     script = Path(sys.executable).with_name("recorun-balancer")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "server.balancer"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "recorun.server.balancer"]
     upstreams = ["--upstream", a.grpc, "--upstream", b.grpc]
     printed = subprocess.run([*command, *upstreams, "--method", "least_conn", "--print-config"],
                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -541,7 +542,7 @@ def test_recorun_balancer_command(servers, nginx, inputs_and_want, tmp_path):
 
 def test_missing_nginx_and_bad_options_are_clear_errors(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr("server.balancer.NGINX_LOCATIONS", ())
+    monkeypatch.setattr("recorun.server.balancer.NGINX_LOCATIONS", ())
     with pytest.raises(NginxNotFoundError, match="nginx is not installed.*apt-get install -y "
                                                  "nginx-light"):
         NginxBalancer(["127.0.0.1:8001"])

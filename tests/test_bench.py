@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.server, pytest.mark.subprocess]
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -16,7 +18,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("recorun-bench")
     command = [str(script)] if script.exists() else [sys.executable, "-m",
-                                                      "benchmarks.studies.cli"]
+                                                      "recorun.benchmarks.studies.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
 

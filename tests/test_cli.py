@@ -38,10 +38,10 @@ import threading
 
 import numpy as np
 
-from framework import (Concurrency, ExternalWorkProducer, Filter, InputError, InputTag,
+from recorun import (Concurrency, ExternalWorkProducer, Filter, InputError, InputTag,
                        Param)
-from modules.external_calibration import calibrate
-from modules.root_source import RootSource
+from recorun.modules.external_calibration import calibrate
+from recorun.modules.root_source import RootSource
 
 
 class FailingSource(RootSource):
@@ -123,7 +123,7 @@ def _env(cwd: Path) -> dict:
 
 def recorun(cwd: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     args = [*map(str, args), *(SERVER if str(WORKFLOW) in map(str, args) else [])]
-    return subprocess.run([sys.executable, "-m", "framework.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "recorun.framework.cli", *args], cwd=cwd,
                           env=_env(cwd), capture_output=True, text=True, timeout=timeout)
 
 
@@ -372,7 +372,7 @@ def test_sigint_stops_the_job_exits_130_and_still_reports(workdir):
     (workdir / "slow.yaml").write_text(yaml.safe_dump(INTERRUPT_WORKFLOW, sort_keys=False))
     stderr_path = workdir / "stderr.txt"
     with open(stderr_path, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, "-m", "framework.cli", "slow.yaml",
+        proc = subprocess.Popen([sys.executable, "-m", "recorun.framework.cli", "slow.yaml",
                                  "--report-json", "r.json"], cwd=workdir, env=_env(workdir),
                                 stdout=subprocess.PIPE, stderr=err_file, text=True)
         try:

@@ -52,7 +52,7 @@ def workflow(tmp_path: Path, name: str, edit=None) -> str:
 def recorun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)}
-    return subprocess.run([sys.executable, "-m", "framework.cli", *args], cwd=tmp_path,
+    return subprocess.run([sys.executable, "-m", "recorun.framework.cli", *args], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -113,7 +113,7 @@ def test_dotted_type_whose_module_does_not_exist(tmp_path):
 
 def test_dotted_type_naming_a_missing_class(tmp_path):
     (tmp_path / "jetalgos.py").write_text(
-        "from modules.calo_towers import TowerJetProducer\n\n\n"
+        "from recorun.modules.calo_towers import TowerJetProducer\n\n\n"
         "class ConeJetProducer(TowerJetProducer):\n    pass\n")
     name = workflow(tmp_path, "dotted_noclass.yaml", lambda raw: raw["modules"]["jets"].update(
         type="jetalgos:AntiKtProducer"))

@@ -80,7 +80,7 @@ def test_deployment_selects_its_own_pods(deployment):
 
 
 def test_container_runs_recorun_server_on_its_declared_ports(container):
-    from server.cli import serve_parser
+    from recorun.server.cli import serve_parser
 
     assert container["command"] == ["recorun-server"]
     args = serve_parser().parse_args(container["args"])       # real options only
@@ -192,7 +192,7 @@ def test_grafana_dashboard_plots_the_papers_quantities():
 
 
 def test_nginx_template_has_the_grpc_balancer_directives():
-    from server.balancer import TEMPLATE, render
+    from recorun.server.balancer import TEMPLATE, render
 
     text = TEMPLATE.read_text()
     assert TEMPLATE == DEPLOY / "nginx" / "grpc_balancer.conf.template"

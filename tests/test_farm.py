@@ -1,7 +1,7 @@
-"""``recorun --executor dask``: a workflow on a Dask cluster (framework/farm.py, docs/FARM.md).
+"""``recorun --executor dask``: a workflow on a Dask cluster (farm/, docs/FARM.md).
 
 One ``LocalCluster`` of 2 worker processes (1 thread each, with nannies) serves the module; the
-farm runs call ``framework.cli.main`` in this process with ``--scheduler-address``. The
+farm runs call ``recorun.framework.cli.main`` in this process with ``--scheduler-address``. The
 workflow is the nominal HLT (CPU only) on the 100-event sample, cut into chunks of 25 entries;
 the reference is one single-process run of the same workflow. The fault and latency injection
 (``FaultInjectingAnalyzer``) is written to ``farm_faults.py`` in a temporary folder on the
@@ -24,17 +24,22 @@ import numpy as np
 import pytest
 import uproot
 
-from data.layout import read_shapes
-from framework import Concurrency, Producer, farm, run_workflow
-from framework.build import build_workflow
-from framework.cli import main
-from framework.config import load_workflow
-from framework.errors import EXIT_MODULE
+from recorun.data.layout import read_shapes
+from recorun import Concurrency, Producer, run_workflow
+from recorun.farm.executor import farm_warnings
+from recorun.framework.chunked import ChunkFailed, plan_chunks
+from recorun.framework.source import split_entries
+from recorun.framework.build import build_workflow
+from recorun.framework.cli import main
+from recorun.framework.config import load_workflow
+from recorun.framework.errors import EXIT_MODULE
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = str(REPO / "workflows" / "workflow_hlt_nominal.yaml")
 SAMPLE = REPO / "data" / "samples" / "hlt_sample.root"
 CHUNK = ["--chunk-size", "25"]
+
+pytestmark = pytest.mark.dask
 
 FAULTS = '''
 """Fault and latency injection for tests/test_farm.py."""
@@ -43,7 +48,7 @@ import time
 import uuid
 from pathlib import Path
 
-from framework import Analyzer, Concurrency, Param
+from recorun import Analyzer, Concurrency, Param
 
 
 class FaultInjectingAnalyzer(Analyzer):
@@ -138,12 +143,12 @@ def assert_same_counts(report: dict, single: dict, *, paths=None) -> None:
 # -- the plan ----------------------------------------------------------------------------------
 
 def test_split_entries_cuts_on_cluster_edges_near_the_target():
-    assert farm.split_entries(0, 100, [0, 100], 25) == [(0, 25), (25, 50), (50, 75), (75, 100)]
-    assert farm.split_entries(0, 100, [0, 30, 60, 90, 100], 25) == [(0, 30), (30, 60),
+    assert split_entries(0, 100, [0, 100], 25) == [(0, 25), (25, 50), (50, 75), (75, 100)]
+    assert split_entries(0, 100, [0, 30, 60, 90, 100], 25) == [(0, 30), (30, 60),
                                                                      (60, 90), (90, 100)]
-    assert farm.split_entries(10, 40, [0, 100], 1000) == [(10, 40)]
-    assert farm.split_entries(5, 5, [0, 100], 10) == []
-    pieces = farm.split_entries(0, 1000, range(0, 1001, 7), 100)
+    assert split_entries(10, 40, [0, 100], 1000) == [(10, 40)]
+    assert split_entries(5, 5, [0, 100], 10) == []
+    pieces = split_entries(0, 1000, range(0, 1001, 7), 100)
     assert pieces[0][0] == 0 and pieces[-1][1] == 1000
     assert all(a == b for (_, a), (b, _) in itertools.pairwise(pieces))
     assert all(p[1] % 7 == 0 for p in pieces[:-1]) and all(50 <= b - a <= 150 for a, b in pieces)
@@ -151,26 +156,26 @@ def test_split_entries_cuts_on_cluster_edges_near_the_target():
 
 def test_plan_respects_skip_and_max_events_and_failures_travel():
     config = load_workflow(WORKFLOW, ["source.skip=10", "process.max_events=60"])
-    chunks = farm.plan_chunks(build_workflow(config), 25)
-    assert [(c.start, c.stop, c.first_index) for c in chunks] == [(10, 35, 0), (35, 70, 25)]
-    error = pickle.loads(pickle.dumps(farm.ChunkFailed("boom", 3, "host:1")))
+    chunks = plan_chunks(build_workflow(config), 25)
+    assert [(c.first_entry, c.stop_entry, c.first_index) for c in chunks] == [(10, 35, 0),
+                                                                           (35, 70, 25)]
+    error = pickle.loads(pickle.dumps(ChunkFailed("boom", 3, "host:1")))
     assert (str(error), error.exit_code, error.worker) == ("boom", 3, "host:1")
 
 
 def test_sonic_producer_without_servers_is_warned_about():
     hlt = REPO / "workflows" / "workflow_hlt.yaml"
-    warnings = farm.farm_warnings(build_workflow(load_workflow(hlt)))
+    warnings = farm_warnings(build_workflow(load_workflow(hlt)))
     assert any("fallback" in w and "hcalRecHits" in w for w in warnings), warnings
     registry = ("services.sonic={type: ServerRegistry, servers: [{name: gpu1, "
                 "address: 'gpu1.example:8001'}]}")
     served = build_workflow(load_workflow(hlt, [registry]))
-    assert not [w for w in farm.farm_warnings(served) if "fallback" in w]
+    assert not [w for w in farm_warnings(served) if "fallback" in w]
 
 
 def test_farm_options_need_the_dask_executor(capsys):
-    with pytest.raises(SystemExit) as stop:
-        main([WORKFLOW, "--chunk-size", "10"])
-    assert stop.value.code == 2 and "--executor dask" in capsys.readouterr().err
+    assert main([WORKFLOW, "--chunk-size", "10"]) == 2
+    assert "--chunk-size goes with --executor dask" in capsys.readouterr().err
 
 
 class Layouts(Producer):
@@ -206,7 +211,7 @@ def write_part(path: Path, first: int, count: int, fmt: str) -> str:
 
 @pytest.mark.parametrize("fmt", ["ttree", "rntuple"])
 def test_root_output_merge_reads_like_one_job(tmp_path, fmt):
-    from modules.root_output import RootOutput
+    from recorun.modules.root_output import RootOutput
     single = write_part(tmp_path / "single.root", 1, 10, fmt)
     parts = [write_part(tmp_path / name, first, count, fmt)     # the middle one: no event
              for name, first, count in (("a.root", 1, 4), ("b.root", 5, 0), ("c.root", 5, 6))]

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import uproot
 
-from data import ecal, hcal, jets
-from data.generate import (generate_electron_events, generate_hcal_events,
+from recorun.data import ecal, hcal, jets
+from recorun.data.generate import (generate_electron_events, generate_hcal_events,
                            generate_hlt_events, generate_jet_events)
-from data.layout import read_shapes, restore_inner
+from recorun.data.layout import read_shapes, restore_inner
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
@@ -370,7 +370,7 @@ def test_generation_speed():
 
 # ---------------------------------------------------------------------------- recorun-gen
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "data.generate", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "recorun.data.generate", *map(str, args)],
                           cwd=ROOT_DIR, capture_output=True, text=True, timeout=120)
 
 

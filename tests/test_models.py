@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from server import validate
-from server.models import SPECS, parameter_count
-from server.train import main as train_main
-from server.validate import deepcalo_comparison, facile_comparison, response
-from server.weights import INIT_SEED, load_model, origin, weights_path
+from recorun.server import validate
+from recorun.model_specs import SPECS
+from recorun.server.models import make_model, parameter_count
+from recorun.server.train import main as train_main
+from recorun.server.validate import deepcalo_comparison, facile_comparison, response
+from recorun.server.weights import INIT_SEED, load_model, origin, weights_path
 
 REPO = Path(__file__).resolve().parent.parent
 FRESH_SEED = 4242            # neither the training seed (1) nor validate's default (2024)
@@ -38,7 +39,7 @@ def _threads_and_cached_samples():
 
 def _untrained(name: str) -> torch.nn.Module:
     torch.manual_seed(INIT_SEED)
-    return SPECS[name].make().eval()
+    return make_model(name).eval()
 
 
 class _Scaled(torch.nn.Module):
@@ -60,7 +61,7 @@ def _calibrated(model: torch.nn.Module, bias: float) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------------- sizes, shapes
 def test_parameter_counts():
-    counts = {name: parameter_count(spec.make()) for name, spec in SPECS.items()}
+    counts = {name: parameter_count(make_model(name)) for name in SPECS}
     assert counts["resnet50"] == 23_512_130
     assert 1_700_000 <= counts["deepcalo"] <= 1_850_000          # paper: 1.8 M
     assert 1_400 <= counts["facile"] <= 2_000                     # paper: ~2 k
@@ -87,7 +88,7 @@ def test_output_shapes_follow_specs(name):
 def test_trained_weights_are_loaded(name):
     assert weights_path(name).exists()
     assert origin(name).startswith("trained")
-    assert "python -m server.train" in origin(name)
+    assert f"server.train {name}" in origin(name)          # the command that made them
     checkpoint = torch.load(weights_path(name), map_location="cpu", weights_only=True)
     loaded = load_model(name).state_dict()
     assert set(loaded) == set(checkpoint["state_dict"])
@@ -180,11 +181,11 @@ def test_validate_refuses_the_training_seed(capsys):
 
 # ---------------------------------------------------------------------------- training
 def _train(tmp: Path, name: str, seed: int, subprocess_: bool = True) -> dict:
-    """``python -m server.train facile`` on 3 events (1 epoch), in a new process or not."""
+    """``python -m recorun.server.train facile`` on 3 events (1 epoch), in a new process or not."""
     out = tmp / name
     args = ["facile", "--events", "3", "--epochs", "1", "--seed", str(seed), "--out", str(out)]
     if subprocess_:
-        subprocess.run([sys.executable, "-m", "server.train", *args], cwd=REPO, check=True,
+        subprocess.run([sys.executable, "-m", "recorun.server.train", *args], cwd=REPO, check=True,
                        capture_output=True, timeout=120)
     else:
         assert train_main(args) == 0
@@ -203,7 +204,7 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     assert first["origin"].startswith("trained on 48000 synthetic HCAL channels")
     assert "seed=3" in first["origin"]
     assert first["origin"].endswith(
-        f"command: python -m server.train facile --events 3 --epochs 1 --seed 3 --out "
+        f"command: python -m recorun.server.train facile --events 3 --epochs 1 --seed 3 --out "
         f"{tmp_path / 'a.pt'}")
-    model = SPECS["facile"].make()
+    model = make_model("facile")
     model.load_state_dict(first["state_dict"])       # loads into the served architecture

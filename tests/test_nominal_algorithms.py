@@ -10,15 +10,13 @@ import awkward as ak
 import numpy as np
 import pytest
 import uproot
-
-from conftest import Recorder, run_guarded
-from data import hcal
-from data.generate import generate_hcal_events
-from framework import Analyzer, Concurrency, InputTagList, Param
-from modules.hcal_mahi import (DEFAULT_ACTIVE_BX, HcalMahiReco, mahi_fit, nnls,
+from recorun.data import hcal
+from recorun.data.generate import generate_hcal_events
+from recorun import Analyzer, Concurrency, InputTagList, Param
+from recorun.modules.hcal_mahi import (DEFAULT_ACTIVE_BX, HcalMahiReco, mahi_fit, nnls,
                                pulse_templates)
-from modules.hcal_reco import RECHIT_DTYPE
-from modules.jets import CONSTITUENT_DTYPE, JET_DTYPE, cluster_antikt, jet_images
+from recorun.modules.hcal_reco import RECHIT_DTYPE
+from recorun.modules.jets import CONSTITUENT_DTYPE, JET_DTYPE, cluster_antikt, jet_images
 
 REPO = Path(__file__).resolve().parent.parent
 JETS_SAMPLE = REPO / "data" / "samples" / "jets_sample.root"
@@ -39,7 +37,7 @@ class Collect(Analyzer):
         self.recorder.record(event.index, {t: f(t, event.get(t)) for t in self.products})
 
 
-def collected(recorder: Recorder) -> list[dict]:
+def collected(recorder) -> list[dict]:
     entries = sorted(recorder.entries, key=lambda e: e[0])
     assert [e[0] for e in entries] == list(range(len(entries)))
     return [e[1] for e in entries]
@@ -169,8 +167,8 @@ def test_mahi_is_less_biased_than_the_two_sample_method_with_pileup(generated_di
     assert high.sum() > 20 and abs(r.mean()) < 0.015 and r.std() < 0.05
 
 
-def test_mahi_rechits_in_a_workflow_feed_calo_towers():
-    recorder = Recorder()
+def test_mahi_rechits_in_a_workflow_feed_calo_towers(new_recorder, run_guarded):
+    recorder = new_recorder()
     wf = {"process": {"report_every_s": 0, "max_events": 4},
           "source": {"type": "RootSource", "files": [str(HLT_SAMPLE)], "step_size": 4},
           "modules": {
@@ -304,9 +302,9 @@ def test_jet_images_leading_jets_only():
     assert jet_images(jets, constituents, max_jets=3, npix=32).shape == (3, 3, 32, 32)
 
 
-def test_jet_workflow_gives_every_event_images():
+def test_jet_workflow_gives_every_event_images(new_recorder, run_guarded):
     pytest.importorskip("fastjet")
-    recorder = Recorder()
+    recorder = new_recorder()
 
     def summarize(tag, value):
         if tag == "images":

@@ -1,4 +1,5 @@
-"""The README's plugin example: a package of one's own, installed, found by entry point."""
+"""The README's plugin example: a package of one's own, installed, found by entry point: its
+modules (``recorun.modules``) and its hooks (``recorun.plugins``)."""
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def test_plugin_package_installs_and_runs(tmp_path):
 
     env = {**os.environ, "PYTHONPATH": str(target)}
     report_path = tmp_path / "report.json"
-    run = subprocess.run([sys.executable, "-m", "framework.cli", str(source / "dijet.yaml"),
+    run = subprocess.run([sys.executable, "-m", "recorun.framework.cli", str(source / "dijet.yaml"),
                           "-n", "100", "--report-json", str(report_path)],
                          cwd=tmp_path, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -37,6 +38,12 @@ def test_plugin_package_installs_and_runs(tmp_path):
     # the mass producer runs only for events the two-jet filter let through (on demand)
     assert report["modules"]["mjj"]["runs"] == path["modules"][0]["passed"]
     assert 0 < path["passed"] < path["modules"][0]["passed"]
+    # the package's own hooks: a report section and a line of text after the TimeReport
+    assert report["dijet"] == {"path": "dijet_highmass", "events": 100,
+                               "selected": path["passed"],
+                               "efficiency": path["passed"] / 100}
+    assert f"DijetReport {path['passed']} of 100 events selected" in run.stdout
+    assert run.stdout.index("TimeReport") < run.stdout.index("DijetReport")
 
 
 def test_dijet_mass_of_back_to_back_jets(tmp_path):
@@ -46,8 +53,8 @@ def test_dijet_mass_of_back_to_back_jets(tmp_path):
         from recorun_jet_tools.dijet import DijetMassProducer
     finally:
         sys.path.remove(str(EXAMPLE))
-    from modules.calo_towers import JET_DTYPE
-    from framework import EmptySource, run_workflow, Producer, InputTag, Analyzer
+    from recorun.modules.calo_towers import JET_DTYPE
+    from recorun import EmptySource, run_workflow, Producer, InputTag, Analyzer
 
     class BackToBack(Producer):
         def produce(self, event):

@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import Recorder, run_guarded
 
-from framework import Analyzer, ConfigError, InputTag, Param
-from producers.facile import FacileProducer
+from recorun import Analyzer, ConfigError, InputTag, Param
+from recorun.producers.facile import FacileProducer
+
+pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[1]
 HLT_SAMPLE = str(ROOT / "data" / "samples" / "hlt_sample.root")
@@ -42,9 +43,10 @@ def registry(server) -> dict:
                       "servers": [{"name": "main", "address": server.grpc}]}}
 
 
-def workflow(sample: str, modules: dict, keep: list[str], events: int, server, **process):
+def recording_workflow(new_recorder, sample: str, modules: dict, keep: list[str], events: int,
+                       server, **process):
     """A workflow over ``sample`` that records the products ``keep``; returns (wf, recorders)."""
-    recorders = {tag: Recorder() for tag in keep}
+    recorders = {tag: new_recorder() for tag in keep}
     modules = dict(modules)
     for i, tag in enumerate(keep):
         modules[f"keep{i}"] = {"type": Keep, "product": tag, "recorder": recorders[tag]}
@@ -91,12 +93,12 @@ SETUPS = {
 
 
 @pytest.mark.parametrize("name", list(SETUPS))
-def test_all_clients_agree(triton_server, name):
+def test_all_clients_agree(triton_server, name, run_guarded, new_recorder):
     """Triton async, sync, pseudo-async and in-process give the same products."""
     sample, modules, keep, events = SETUPS[name]
     results = {}
     for client in [*({"mode": m} for m in TRITON_MODES), {"client": "inprocess"}]:
-        wf, recorders = workflow(sample, modules(client), keep, events, triton_server,
+        wf, recorders = recording_workflow(new_recorder, sample, modules(client), keep, events, triton_server,
                                  threads=2, streams=2)
         result = run_guarded(wf, timeout=180)
         assert result.exit_code == 0, result.error
@@ -110,10 +112,10 @@ def test_all_clients_agree(triton_server, name):
         assert_same(got, reference, f"{name} {what} vs inprocess")
 
 
-def test_async_requests_overlap_other_work(triton_server):
+def test_async_requests_overlap_other_work(triton_server, run_guarded, new_recorder):
     """1 thread, 2 streams: while an event's request is out, the thread runs another event's
     module calls (an 'external' span of event A overlaps a call of event B)."""
-    wf, _ = workflow("hlt", SETUPS["facile"][1]({"mode": "async"}), ["towers"], 8,
+    wf, _ = recording_workflow(new_recorder, "hlt", SETUPS["facile"][1]({"mode": "async"}), ["towers"], 8,
                      triton_server, threads=1, streams=2)
     result = run_guarded(wf, timeout=120, trace=True)
     assert result.exit_code == 0, result.error
@@ -137,12 +139,12 @@ paths: {}
 """
 
 
-def test_switching_client_is_configuration_only(triton_server):
+def test_switching_client_is_configuration_only(triton_server, new_recorder, run_guarded):
     """The same YAML, only ``client: inprocess`` set (as ``--set`` does), same products."""
     out = {}
     for overrides in ([], ["modules.rechits.client=inprocess"]):
         raw = yaml.safe_load(FACILE_YAML.replace("HLT_SAMPLE", HLT_SAMPLE))
-        recorder = Recorder()
+        recorder = new_recorder()
         raw["modules"]["keep"] = {"type": Keep, "product": "towers", "recorder": recorder}
         raw["paths"] = {"p": ["keep"]}
         raw["services"] = registry(triton_server)
@@ -171,8 +173,8 @@ class MisnamedFacile(FacileProducer):
 @pytest.mark.parametrize("client", ["triton", "inprocess"])
 @pytest.mark.parametrize("bad, tensor", [(FourteenColumnFacile, "hcal_channels"),
                                          (MisnamedFacile, "hcal_inputs")])
-def test_wrong_tensor_fails_at_begin_job(triton_server, client, bad, tensor):
-    recorder = Recorder()
+def test_wrong_tensor_fails_at_begin_job(triton_server, client, bad, tensor, new_recorder, run_guarded):
+    recorder = new_recorder()
     wf = {"process": {"report_every_s": 0, "max_events": 2},
           "source": {"type": "RootSource", "files": [HLT_SAMPLE]},
           "modules": {"rechits": {"type": bad, "client": client},
@@ -189,7 +191,7 @@ def test_wrong_tensor_fails_at_begin_job(triton_server, client, bad, tensor):
 
 
 def test_bad_client_parameter_is_a_configuration_error():
-    from framework import run_workflow
+    from recorun import run_workflow
 
     wf = {"process": {"report_every_s": 0},
           "source": {"type": "EmptySource", "count": 1},
@@ -203,9 +205,9 @@ def test_bad_client_parameter_is_a_configuration_error():
     assert "rechits" in str(info.value) and "timeout" in str(info.value)
 
 
-def test_client_timing_is_in_the_job_report(triton_server):
+def test_client_timing_is_in_the_job_report(triton_server, run_guarded, new_recorder):
     """The producer's client figures (calls, round trip, packing) join its report entry."""
-    wf, _ = workflow("hlt", SETUPS["facile"][1]({"mode": "async"}), ["towers"], 4,
+    wf, _ = recording_workflow(new_recorder, "hlt", SETUPS["facile"][1]({"mode": "async"}), ["towers"], 4,
                      triton_server, threads=1, streams=2)
     result = run_guarded(wf, timeout=120)
     assert result.exit_code == 0, result.error

@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Recorder, run_guarded, workflow
 from prometheus_client.parser import text_string_to_metric_families
 
-from framework import Analyzer, Concurrency, ConfigError, Param
+from recorun import Analyzer, Concurrency, ConfigError, Param
 
 ROOT = Path(__file__).resolve().parents[1]
 HLT_SAMPLE = str(ROOT / "data" / "samples" / "hlt_sample.root")
@@ -69,7 +68,7 @@ class Scrape(Analyzer):
 LABELS = ("rechits", "towers", "jets", "htFilter", "scrape")
 
 
-def sonic_workflow(server, recorder: Recorder, events: int) -> dict:
+def sonic_workflow(server, recorder, events: int) -> dict:
     return {"process": {"threads": 2, "streams": 2, "max_events": events,
                         "report_every_s": 0},
             "source": {"type": "RootSource", "files": [HLT_SAMPLE]},
@@ -85,8 +84,8 @@ def sonic_workflow(server, recorder: Recorder, events: int) -> dict:
                          "prometheus": {"type": "PrometheusExporter", "port": 0}}}
 
 
-def test_scrapes_while_running_match_the_report_and_the_port_closes(triton_server):
-    recorder = Recorder()
+def test_scrapes_while_running_match_the_report_and_the_port_closes(triton_server, new_recorder, run_guarded):
+    recorder = new_recorder()
     result = run_guarded(sonic_workflow(triton_server, recorder, 20), timeout=120)
     assert result.exit_code == 0, result.error
     report = result.report
@@ -153,7 +152,7 @@ def _stable(report: dict) -> dict:
                         for label, m in report["modules"].items()}}
 
 
-def test_exporter_changes_neither_exit_code_nor_report():
+def test_exporter_changes_neither_exit_code_nor_report(run_guarded, workflow):
     plain = workflow(CPU_MODULES, {"HLT": ["htFilter"]}, events=30, threads=2)
     exported = {**plain, "services": {"prometheus": {"type": "PrometheusExporter"}}}
     without, with_ = run_guarded(plain), run_guarded(exported)
@@ -164,7 +163,7 @@ def test_exporter_changes_neither_exit_code_nor_report():
     assert port_closed(with_.scheduler.built.services["prometheus"].server_address[1])
 
 
-def test_a_port_already_taken_is_a_configuration_error():
+def test_a_port_already_taken_is_a_configuration_error(run_guarded, workflow):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -180,7 +179,7 @@ def test_a_port_already_taken_is_a_configuration_error():
 HELPERS = '''
 import time
 
-from framework import Analyzer, InputTag, Param
+from recorun import Analyzer, InputTag, Param
 
 
 class Sleepy(Analyzer):
@@ -212,7 +211,7 @@ def test_cli_metrics_port_serves_while_running(tmp_path):
         p for p in (str(tmp_path), os.environ.get("PYTHONPATH", "")) if p)}
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "framework.cli", "slow.yaml",
+        proc = subprocess.Popen([sys.executable, "-m", "recorun.framework.cli", "slow.yaml",
                                  "--metrics-port", "0"], cwd=tmp_path, env=env,
                                 stdout=subprocess.DEVNULL, stderr=err)
         try:

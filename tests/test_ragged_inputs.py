@@ -14,24 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import RecorunServerProcess  # tests/ is on sys.path (rootdir conftest)
 
-from sonic_clients import ClientConfig, ClientConfigError
-from sonic_clients.server_stats import ModelStatistics, parse_statistics, server_time
-from sonic_clients.triton import TritonClient
+from recorun.sonic_clients import ClientConfig, ClientConfigError
+from recorun.sonic_clients.server_stats import ModelStatistics, parse_statistics, server_time
+from recorun.sonic_clients.triton import TritonClient
+
+pytestmark = pytest.mark.server
 
 SERVER_SCRIPT = Path(__file__).with_name("servers") / "ragged_model_server.py"
 
 
-class RaggedModelServer(RecorunServerProcess):
-    @staticmethod
-    def command() -> list[str]:
-        return [sys.executable, str(SERVER_SCRIPT)]
-
-
 @pytest.fixture(scope="module")
-def ragged_server(tmp_path_factory):
-    server = RaggedModelServer.launch(log_dir=tmp_path_factory.mktemp("ragged-server"))
+def ragged_server(tmp_path_factory, recorun_server_process):
+    server = recorun_server_process.launch(log_dir=tmp_path_factory.mktemp("ragged-server"),
+                                           command=[sys.executable, str(SERVER_SCRIPT)])
     yield server
     assert server.stop(signal.SIGTERM) == 0, server.log()[-4000:]
 

@@ -10,11 +10,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from conftest import workflow
-from framework import (Analyzer, Concurrency, ExternalWorkProducer, Filter, InputTag, Param,
+from recorun import (Analyzer, Concurrency, ExternalWorkProducer, Filter, InputTag, Param,
                        Producer, run_workflow)
-from framework.reports import resources_json, time_report, trig_report, write_json
+from recorun.framework.reports import resources_json, time_report, trig_report, write_json
 
 
 class Hits(Producer):
@@ -84,7 +82,7 @@ ENDPATHS = {"monitor": ["selectedEnergy"]}
 
 
 @pytest.fixture(scope="module")
-def job():
+def job(workflow):
     modules = {"hits": {"type": Hits},
                "sorted": {"type": TimerSort},
                "leadCut": {"type": LeadingAbove},

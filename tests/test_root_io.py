@@ -7,7 +7,7 @@ Every module here computes on the events' data (jet pT from Jet_Px/Jet_Py, HT, M
 reference values come from plain ``uproot``'s ``arrays()`` on the same files. Modules that
 inject latency or faults say so in their names (``LatencyInjectedJetPt``, ``FaultInjectedJetPt``).
 
-CLI tests run ``python -m framework.cli`` in ``tmp_path`` with this directory on PYTHONPATH, so
+CLI tests run ``python -m recorun.framework.cli`` in ``tmp_path`` with this directory on PYTHONPATH, so
 workflows name these modules as ``test_root_io:ClassName``.
 """
 from __future__ import annotations
@@ -30,10 +30,8 @@ import pytest
 import skhep_testdata
 import uproot
 import yaml
-
-from conftest import Recorder, run_guarded
-from data.layout import SHAPES_KEY, read_shapes, restore_inner
-from framework import (Analyzer, Collection, Concurrency, ExternalWorkProducer, Filter, InputTag,
+from recorun.data.layout import SHAPES_KEY, read_shapes, restore_inner
+from recorun import (Analyzer, Collection, Concurrency, ExternalWorkProducer, Filter, InputTag,
                        InputTagList, Param, Producer)
 
 TESTS = Path(__file__).resolve().parent
@@ -190,25 +188,30 @@ def hzz() -> dict:
     return ref
 
 
-def collected(recorder: Recorder) -> list[tuple]:
+def collected(recorder) -> list[tuple]:
     """The recorded events by index; checks that every index 0..n-1 came exactly once."""
     entries = sorted(recorder.entries, key=lambda e: e[0])
     assert [e[0] for e in entries] == list(range(len(entries)))
     return entries
 
 
-def read_job(source: dict, products: list[str], *, modules: dict | None = None,
+@pytest.fixture
+def read_job(new_recorder, run_guarded):
+    """``read_job(source, products, modules=None, **process)``: run ``source`` with a Collect of
+    ``products`` (and ``modules``); the events and the report."""
+    def read(source: dict, products: list[str], *, modules: dict | None = None,
              **process) -> tuple[list[tuple], dict]:
-    """Run ``source`` with a Collect of ``products`` (and ``modules``); the events and report."""
-    recorder = Recorder()
-    process.setdefault("report_every_s", 0)
-    wf = {"process": process, "source": {"type": "RootSource", **source},
-          "modules": {**(modules or {}),
-                      "collect": {"type": Collect, "products": products, "recorder": recorder}},
-          "paths": {"p": ["collect"]}}
-    result = run_guarded(wf)
-    assert result.exit_code == 0, result.error
-    return collected(recorder), result.report
+        recorder = new_recorder()
+        process.setdefault("report_every_s", 0)
+        wf = {"process": process, "source": {"type": "RootSource", **source},
+              "modules": {**(modules or {}),
+                          "collect": {"type": Collect, "products": products,
+                                      "recorder": recorder}},
+              "paths": {"p": ["collect"]}}
+        result = run_guarded(wf)
+        assert result.exit_code == 0, result.error
+        return collected(recorder), result.report
+    return read
 
 
 def assert_hzz_event(entry, i: int):
@@ -233,7 +236,7 @@ PART_PRODUCTS = ["jets", "jets:ht", "source:MET_px", "source:nJet"]     # see wr
 @pytest.mark.parametrize("threads, streams, step_size, prefetch", [
     (1, 1, 1000, True), (2, 4, 1000, True), (2, 4, 100, True), (2, 4, 100, False),
     (1, 1, 100, False)])
-def test_hzz_jet_pt_matches_plain_uproot(threads, streams, step_size, prefetch):
+def test_hzz_jet_pt_matches_plain_uproot(threads, streams, step_size, prefetch, read_job):
     events, report = read_job({"files": HZZ, "step_size": step_size, "prefetch": prefetch},
                               JET_PT_PRODUCTS, modules=JET_PT, threads=threads, streams=streams)
     assert len(events) == HZZ_EVENTS
@@ -248,7 +251,7 @@ def test_hzz_jet_pt_matches_plain_uproot(threads, streams, step_size, prefetch):
     assert report["events"]["read"] == report["events"]["accepted"] == HZZ_EVENTS
 
 
-def test_nanoaod_event_ids_and_jet_collection():
+def test_nanoaod_event_ids_and_jet_collection(read_job):
     events, report = read_job({"files": DY, "step_size": 64},
                               ["source:Jet", "source:nJet", "source:MET_pt"],
                               threads=2, streams=4)
@@ -267,7 +270,7 @@ def test_nanoaod_event_ids_and_jet_collection():
     assert report["source"]["tree"] == "tree"
 
 
-def test_delphes_tree_is_found_and_split_object_leaves_are_read():
+def test_delphes_tree_is_found_and_split_object_leaves_are_read(read_job):
     assert "TProcessID" in uproot.open(DELPHES).classnames().values()
     products = ["source:Particle.PT", "source:Particle.PID", "source:Particle.Eta"]
     events, report = read_job({"files": DELPHES}, products)      # no 'tree' given
@@ -327,7 +330,7 @@ def entries_of(events) -> list[int]:
     return entries
 
 
-def test_several_files_in_list_order_and_glob(parts):
+def test_several_files_in_list_order_and_glob(parts, read_job):
     d = parts[0].parent
     events, report = read_job({"files": [str(p) for p in parts], "step_size": 128},
                               PART_PRODUCTS, modules=JET_PT, threads=2, streams=4)
@@ -346,7 +349,7 @@ def test_several_files_in_list_order_and_glob(parts):
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
-def test_skip_across_a_file_boundary_and_max_events(parts, prefetch):
+def test_skip_across_a_file_boundary_and_max_events(parts, prefetch, read_job):
     files = [str(p) for p in parts]
     # skip 990: 10 entries of part_0, then part_1; at most 30 events
     events, report = read_job({"files": files, "skip": 990, "step_size": 64,
@@ -377,7 +380,7 @@ def hzz_copies(tmp_path) -> list[str]:
     return copies
 
 
-def test_first_event_numbers_events_of_files_without_event_branch(hzz_copies):
+def test_first_event_numbers_events_of_files_without_event_branch(hzz_copies, read_job):
     events, _ = read_job({"files": hzz_copies, "first_event": 1000, "run": 7,
                           "step_size": 500}, JET_PT_PRODUCTS, modules=JET_PT,
                          threads=2, streams=4)
@@ -387,7 +390,7 @@ def test_first_event_numbers_events_of_files_without_event_branch(hzz_copies):
         assert_hzz_event(entry, k % HZZ_EVENTS)
 
 
-def test_first_event_numbers_the_first_entry_whatever_skip(hzz_copies):
+def test_first_event_numbers_the_first_entry_whatever_skip(hzz_copies, read_job):
     """``first_event`` is the number of the files' first entry: skipped entries keep their
     numbers, so an event has the same ID with or without ``skip`` (as with an 'event' branch,
     and as CMSSW's sources number events after skipEvents)."""
@@ -411,22 +414,26 @@ DTYPES = {"met": np.float32, "ht": np.float64, "njet": np.int64, "nbtag": np.int
           "pt": np.float32, "p4": np.float32}
 
 
-def write_features(path: Path, fmt: str, *, threads=1, streams=1, select=None, **output):
-    """HZZ -> JetFeatures -> RootOutput (flushed every 500 events), optionally of the events
-    that the path ``highHT`` (HT >= 100 GeV) accepts."""
-    output = {"type": "RootOutput", "file": str(path), "format": fmt, "products": FEATURES,
-              "rename": RENAME, "flush_events": 500, **output}
-    if select:
-        output["select_events"] = select
-    wf = {"process": {"threads": threads, "streams": streams, "report_every_s": 0},
-          "source": {"type": "RootSource", "files": HZZ, "step_size": 400},
-          "modules": {"features": {"type": JetFeatures}, "ht": {"type": MinHT},
-                      "out": output},
-          "paths": {"highHT": ["ht"]}, "endpaths": {"e": ["out"]}}
-    result = run_guarded(wf)
-    assert result.exit_code == 0, result.error
-    assert path.exists() and not Path(f"{path}.partial").exists()
-    return result
+@pytest.fixture
+def write_features(run_guarded):
+    """``write_features(path, fmt, threads=1, streams=1, select=None, **output)``: HZZ ->
+    JetFeatures -> RootOutput (flushed every 500 events), optionally of the events that the
+    path ``highHT`` (HT >= 100 GeV) accepts."""
+    def write(path: Path, fmt: str, *, threads=1, streams=1, select=None, **output):
+        output = {"type": "RootOutput", "file": str(path), "format": fmt, "products": FEATURES,
+                  "rename": RENAME, "flush_events": 500, **output}
+        if select:
+            output["select_events"] = select
+        wf = {"process": {"threads": threads, "streams": streams, "report_every_s": 0},
+              "source": {"type": "RootSource", "files": HZZ, "step_size": 400},
+              "modules": {"features": {"type": JetFeatures}, "ht": {"type": MinHT},
+                          "out": output},
+              "paths": {"highHT": ["ht"]}, "endpaths": {"e": ["out"]}}
+        result = run_guarded(wf)
+        assert result.exit_code == 0, result.error
+        assert path.exists() and not Path(f"{path}.partial").exists()
+        return result
+    return write
 
 
 def read_back(path: Path) -> ak.Array:
@@ -473,7 +480,7 @@ def assert_features_in_file(arrays: ak.Array, file, fmt: str, entries: list[int]
         assert np.array_equal(ak.to_numpy(ak.flatten(column)), expected_jets[field]), field
 
 
-def assert_features_via_source(path: Path, entries: list[int]):
+def assert_features_via_source(read_job, path: Path, entries: list[int]):
     """RootSource gives back every product with its layout: scalars, 1-D arrays, (n, 2, 2)
     arrays and the structured Jet collection."""
     tags = ["source:MET", "source:features_ht", "source:features_njet", "source:features_nbtag",
@@ -498,7 +505,7 @@ def assert_features_via_source(path: Path, entries: list[int]):
 
 
 @pytest.mark.parametrize("fmt", ["ttree", "rntuple"])
-def test_root_output_round_trip_same_for_1_and_4_streams(tmp_path, fmt):
+def test_root_output_round_trip_same_for_1_and_4_streams(tmp_path, fmt, write_features, read_job):
     one, four = tmp_path / "one.root", tmp_path / "four.root"
     r1 = write_features(one, fmt)
     r4 = write_features(four, fmt, threads=2, streams=4)
@@ -508,21 +515,21 @@ def test_root_output_round_trip_same_for_1_and_4_streams(tmp_path, fmt):
     a1, a4 = read_back(one), read_back(four)
     assert_same_contents(a1, a4)          # the same file content for any threads/streams
     assert_features_in_file(a1, uproot.open(one), fmt, list(range(HZZ_EVENTS)))
-    assert_features_via_source(four, list(range(HZZ_EVENTS)))
+    assert_features_via_source(read_job, four, list(range(HZZ_EVENTS)))
 
 
 @pytest.mark.parametrize("fmt", ["ttree", "rntuple"])
-def test_root_output_writes_only_selected_events_in_order(tmp_path, fmt):
+def test_root_output_writes_only_selected_events_in_order(tmp_path, fmt, write_features, read_job):
     path = tmp_path / "high_ht.root"
     result = write_features(path, fmt, threads=2, streams=4, select=["highHT"])
     accepted = [i for i, r in enumerate(hzz()["features"]) if r["ht"] >= 100.0]
     assert 0 < len(accepted) < HZZ_EVENTS
     assert result.report["paths"]["highHT"]["passed"] == len(accepted)
     assert_features_in_file(read_back(path), uproot.open(path), fmt, accepted)
-    assert_features_via_source(path, accepted)
+    assert_features_via_source(read_job, path, accepted)
 
 
-def test_rntuple_files_in_order_with_skip_across_the_boundary(tmp_path):
+def test_rntuple_files_in_order_with_skip_across_the_boundary(tmp_path, read_job, write_features):
     path = tmp_path / "features.root"
     write_features(path, "rntuple")
     events, report = read_job({"files": [str(path), str(path)], "skip": 2400, "step_size": 7},
@@ -540,7 +547,7 @@ def test_rntuple_files_in_order_with_skip_across_the_boundary(tmp_path):
                                                     "luminosityBlock", "p4", "run"]
 
 
-def test_records_with_the_default_branch_name_read_back_as_a_collection(tmp_path):
+def test_records_with_the_default_branch_name_read_back_as_a_collection(tmp_path, read_job, write_features):
     """A structured product written under its default name ``features_jets`` (branches
     ``features_jets_pt``... counted by ``nfeatures_jets``) is read back as the structured
     product ``source:features_jets``, as the records are when renamed to ``Jet``."""
@@ -558,7 +565,7 @@ def test_records_with_the_default_branch_name_read_back_as_a_collection(tmp_path
 
 @pytest.mark.parametrize("compression, f_compress", [(None, 501), ("zstd:1", 501),
                                                       ("lz4:1", 401), ("none", 100)])
-def test_root_output_compression(tmp_path, compression, f_compress):
+def test_root_output_compression(tmp_path, compression, f_compress, write_features):
     path = tmp_path / "c.root"
     write_features(path, "ttree", **({"compression": compression} if compression else {}))
     f = uproot.open(path)
@@ -580,7 +587,7 @@ def _env() -> dict:
 
 def recorun(cwd: Path, workflow: dict, *args, timeout: float = 60) -> subprocess.CompletedProcess:
     (cwd / "wf.yaml").write_text(yaml.safe_dump(workflow, sort_keys=False))
-    return subprocess.run([sys.executable, "-m", "framework.cli", "wf.yaml", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "recorun.framework.cli", "wf.yaml", *map(str, args)],
                           cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -801,7 +808,7 @@ def test_sigint_while_writing_leaves_only_the_partial_file(tmp_path):
     (tmp_path / "wf.yaml").write_text(yaml.safe_dump(wf, sort_keys=False))
     stderr_path = tmp_path / "stderr.txt"
     with open(stderr_path, "w") as err_file:
-        proc = subprocess.Popen([sys.executable, "-m", "framework.cli", "wf.yaml",
+        proc = subprocess.Popen([sys.executable, "-m", "recorun.framework.cli", "wf.yaml",
                                  "--report-json", "r.json"], cwd=tmp_path, env=_env(),
                                 stdout=subprocess.PIPE, stderr=err_file, text=True)
         try:
@@ -835,7 +842,7 @@ def test_sigint_while_writing_leaves_only_the_partial_file(tmp_path):
     assert_ht_file(partial, list(range(ev["read"])), list(range(1, ev["read"] + 1)))
 
 
-def test_module_error_with_on_error_stop_leaves_no_final_file(tmp_path):
+def test_module_error_with_on_error_stop_leaves_no_final_file(tmp_path, run_guarded):
     out = tmp_path / "out" / "jets.root"
     wf = {"process": {"threads": 2, "streams": 4, "report_every_s": 0, "on_error": "stop"},
           "source": {"type": "RootSource", "files": HZZ, "step_size": 100},
@@ -853,7 +860,7 @@ def test_module_error_with_on_error_stop_leaves_no_final_file(tmp_path):
     assert Path(f"{out}.partial").exists()
 
 
-def test_job_stopped_early_ends_promptly_and_stops_the_reader_thread():
+def test_job_stopped_early_ends_promptly_and_stops_the_reader_thread(run_guarded):
     """A job that stops on a module error while the prefetching reader has a chunk waiting
     ends at once, and the reader thread ends with it (it holds a chunk and an open file)."""
     before = set(threading.enumerate())

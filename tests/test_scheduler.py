@@ -2,7 +2,7 @@
 concurrency kinds, determinism, the synchronous mode and the watchdog.
 
 The test modules below compute from event data (numpy arrays seeded by the event number) and
-write what they did into a :class:`~conftest.Recorder`. Modules whose name starts with
+write what they did into a Recorder (the ``recorder`` fixtures). Modules whose name starts with
 ``Failing``/``Faulty``/``Sneaky`` inject faults on purpose.
 """
 from __future__ import annotations
@@ -19,12 +19,10 @@ import awkward as ak
 import numpy as np
 import pytest
 import uproot
-
-from conftest import Recorder, run_guarded, workflow
-from framework import (Analyzer, Concurrency, ConfigError, Event, EventID,
+from recorun import (Analyzer, Concurrency, ConfigError, Event, EventID,
                        ExternalWorkProducer, Filter, InputTag, InputTagList, ModuleError, Param,
                        ProductNotFound, Producer, run_workflow)
-from framework.config import expand_workflow_dir, load_yaml
+from recorun.framework.config import expand_workflow_dir, load_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -316,7 +314,7 @@ class StreamState(ExternalWorkProducer):
 
 
 # -- 1. paths and filters ------------------------------------------------------------------
-def test_paths_filters_trigger_results_and_select_events(recorder):
+def test_paths_filters_trigger_results_and_select_events(recorder, workflow):
     n_events = 60
     log = recorder
     modules = {
@@ -380,7 +378,7 @@ def test_paths_filters_trigger_results_and_select_events(recorder):
 
 
 # -- 2. on-demand producers ----------------------------------------------------------------
-def test_on_demand_producers_run_once_per_event_and_only_when_needed(recorder):
+def test_on_demand_producers_run_once_per_event_and_only_when_needed(recorder, workflow):
     n_events = 80
     log = recorder
     modules = {
@@ -420,7 +418,7 @@ def test_on_demand_producers_run_once_per_event_and_only_when_needed(recorder):
 # -- 3. ExternalWork ordering and threads --------------------------------------------------
 @pytest.mark.parametrize("threads,streams", [(1, 1), (2, 4)])
 @pytest.mark.parametrize("mode", ["inline", "early", "timer"])
-def test_external_work_produce_after_acquire_on_pool_thread(recorder, mode, threads, streams):
+def test_external_work_produce_after_acquire_on_pool_thread(recorder, mode, threads, streams, workflow):
     n_events = 24
     log = recorder
     modules = {"data": {"type": EventData},
@@ -454,7 +452,7 @@ def test_external_work_produce_after_acquire_on_pool_thread(recorder, mode, thre
 
 # -- 4. failed external work and failing acquire -------------------------------------------
 @pytest.mark.parametrize("threads,streams", [(1, 1), (2, 4)])
-def test_failed_external_work_skips_produce_and_fails_event(recorder, threads, streams):
+def test_failed_external_work_skips_produce_and_fails_event(recorder, threads, streams, workflow):
     log = recorder
     modules = {"data": {"type": EventData},
                "ext": {"type": FailingExternalOnEvery11th, "src": "data", "log": log},
@@ -490,7 +488,7 @@ def test_failed_external_work_skips_produce_and_fails_event(recorder, threads, s
         assert ev == {"read": 11, "accepted": 10, "rejected": 0, "failed": 1}
 
 
-def test_exception_in_acquire_fails_with_method_acquire(recorder):
+def test_exception_in_acquire_fails_with_method_acquire(recorder, workflow):
     log = recorder
     modules = {"data": {"type": EventData},
                "ext": {"type": FailingAcquireOnEvery13th, "src": "data", "mode": "inline",
@@ -510,7 +508,7 @@ def test_exception_in_acquire_fails_with_method_acquire(recorder):
 
 
 # -- 5. on_error: skip_event ----------------------------------------------------------------
-def test_skip_event_continues_and_accounts_for_every_event(recorder):
+def test_skip_event_continues_and_accounts_for_every_event(recorder, workflow):
     n_events = 100
     log = recorder
     modules = {
@@ -561,7 +559,7 @@ def test_skip_event_continues_and_accounts_for_every_event(recorder):
 
 # -- 6. on_error: stop ----------------------------------------------------------------------
 @pytest.mark.parametrize("threads,streams", [(1, 1), (2, 4)])
-def test_stop_finishes_events_in_flight_and_names_unread_events(recorder, threads, streams):
+def test_stop_finishes_events_in_flight_and_names_unread_events(recorder, threads, streams, workflow):
     n_events = 200
     log = recorder
     modules = {
@@ -614,10 +612,9 @@ TOY_HLT = {
 }
 
 
-def _run_at(raw: dict, threads: int, output: Path) -> tuple[dict, dict]:
-    """Run ``raw`` with ``threads`` threads and as many streams; return the report and the
-    TriggerResults of every event."""
-    log = Recorder()
+def _run_at(raw: dict, threads: int, output: Path, log) -> tuple[dict, dict]:
+    """Run ``raw`` with ``threads`` threads and as many streams, its TriggerResults recorded
+    into ``log`` (a Recorder); return the report and the TriggerResults of every event."""
     wf = copy.deepcopy(raw)
     wf["process"].update(threads=threads, streams=threads, report_every_s=0)
     wf["modules"]["output"]["file"] = str(output)
@@ -628,11 +625,12 @@ def _run_at(raw: dict, threads: int, output: Path) -> tuple[dict, dict]:
     return result.report, {n: d for _, _, n, d in log.where("trigger", "trigLog")}
 
 
-def _assert_same_job(raw: dict, tmp_path: Path, n_events: int) -> None:
+def _assert_same_job(raw: dict, tmp_path: Path, n_events: int, new_recorder) -> None:
     files, reports, triggers = {}, {}, {}
     for threads in (1, 4):
         files[threads] = tmp_path / f"threads{threads}" / "accepted.root"
-        reports[threads], triggers[threads] = _run_at(raw, threads, files[threads])
+        reports[threads], triggers[threads] = _run_at(raw, threads, files[threads],
+                                                          new_recorder())
         assert len(triggers[threads]) == n_events
 
     one, four = (uproot.open(files[t])["Events"] for t in (1, 4))
@@ -658,18 +656,19 @@ def _assert_same_job(raw: dict, tmp_path: Path, n_events: int) -> None:
         assert m["runs"] == reports[4]["modules"][label]["runs"], label
 
 
-def test_identical_products_for_1_and_4_threads_over_1000_events(tmp_path):
-    _assert_same_job(TOY_HLT, tmp_path, 1000)
+def test_identical_products_for_1_and_4_threads_over_1000_events(tmp_path, new_recorder):
+    _assert_same_job(TOY_HLT, tmp_path, 1000, new_recorder)
 
 
-def test_hlt_workflow_identical_products_for_1_and_4_threads(tmp_path):
+@pytest.mark.server
+def test_hlt_workflow_identical_products_for_1_and_4_threads(tmp_path, new_recorder):
     raw = load_workflow(REPO / "workflows" / "workflow_hlt.yaml")
-    _assert_same_job(raw, tmp_path, 100)
+    _assert_same_job(raw, tmp_path, 100, new_recorder)
 
 
 # -- 8. no deadlock with more streams than threads ------------------------------------------
 @pytest.mark.parametrize("threads,streams,n_events", [(1, 8, 200), (2, 100, 300)])
-def test_no_deadlock_more_streams_than_threads(recorder, threads, streams, n_events):
+def test_no_deadlock_more_streams_than_threads(recorder, threads, streams, n_events, run_guarded, workflow):
     log = recorder
     modules = {
         "data": {"type": EventData, "size": 128},
@@ -696,7 +695,7 @@ def test_no_deadlock_more_streams_than_threads(recorder, threads, streams, n_eve
 
 
 # -- 9. serial and stream modules ----------------------------------------------------------
-def test_serial_never_concurrent_and_stream_copies_see_one_event_at_a_time(recorder):
+def test_serial_never_concurrent_and_stream_copies_see_one_event_at_a_time(recorder, workflow):
     n_events, streams = 60, 4
     log = recorder
     modules = {
@@ -732,10 +731,10 @@ def test_serial_never_concurrent_and_stream_copies_see_one_event_at_a_time(recor
 
 
 # -- 10. synchronous mode -------------------------------------------------------------------
-def test_synchronous_mode_fixed_call_order_despite_random_external_delays():
+def test_synchronous_mode_fixed_call_order_despite_random_external_delays(new_recorder, workflow):
     orders = []
     for _ in range(2):
-        log = Recorder()
+        log = new_recorder()
         modules = {
             "data": {"type": EventData, "log": log},
             "extA": {"type": ExternalCumsum, "src": "data", "jitter": 0.004, "log": log},
@@ -757,12 +756,12 @@ def test_synchronous_mode_fixed_call_order_despite_random_external_delays():
 
 
 # -- 11. watchdog ---------------------------------------------------------------------------
-def test_watchdog_names_module_and_event_of_a_slow_external_call():
+def test_watchdog_names_module_and_event_of_a_slow_external_call(new_recorder, workflow):
     out = io.StringIO()
     modules = {"data": {"type": EventData},
                "slowCall": {"type": ExternalCumsum, "src": "data", "latency": 1.0,
                             "jitter": 0.0},
-               "ana": {"type": Sums, "inputs": ["slowCall"], "log": Recorder()}}
+               "ana": {"type": Sums, "inputs": ["slowCall"], "log": new_recorder()}}
     result = run_workflow(workflow(modules, {"p": ["ana"]}, events=2, threads=1, streams=2,
                                    watchdog_s=0.3), out=out)
     assert result.exit_code == 0, result.error
@@ -804,10 +803,10 @@ def test_event_put_twice_raises():
     assert np.array_equal(event.get("jets"), event_values(5))
 
 
-def test_module_putting_twice_fails_the_event():
+def test_module_putting_twice_fails_the_event(new_recorder, workflow):
     modules = {"data": {"type": EventData},
                "twice": {"type": FaultyDoublePut, "src": "data"},
-               "ana": {"type": Sums, "inputs": ["twice"], "log": Recorder()}}
+               "ana": {"type": Sums, "inputs": ["twice"], "log": new_recorder()}}
     result = run_workflow(workflow(modules, {"p": ["ana"]}, events=3))
     assert result.exit_code == EXIT_MODULE
     assert isinstance(result.error, ModuleError) and isinstance(result.error.cause, ValueError)
@@ -816,7 +815,7 @@ def test_module_putting_twice_fails_the_event():
     assert "put once" in str(result.error)
 
 
-def test_reading_an_undeclared_product_names_the_module():
+def test_reading_an_undeclared_product_names_the_module(workflow):
     modules = {"data": {"type": EventData}, "other": {"type": Smooth, "src": "data"},
                "sneaky": {"type": SneakyReader, "other": "other"}}
     result = run_workflow(workflow(modules, {"p": ["sneaky"]}, events=3))
@@ -828,7 +827,7 @@ def test_reading_an_undeclared_product_names_the_module():
     assert "module 'sneaky' reads 'data' without declaring it" in str(error.cause)
 
 
-def test_consuming_a_product_nobody_produces_is_a_config_error(recorder):
+def test_consuming_a_product_nobody_produces_is_a_config_error(recorder, workflow):
     modules = {"data": {"type": EventData, "log": recorder},
                "ana": {"type": Sums, "inputs": ["data", "dta"], "log": recorder}}
     with pytest.raises(ConfigError, match="module 'ana'.*'dta'"):
@@ -858,7 +857,7 @@ class ChainEnd(Analyzer):
         self.log.record("analyze", self.label, event.id.event, event.get(self.last))
 
 
-def test_deep_producer_chain_does_not_overflow_the_stack(recorder):
+def test_deep_producer_chain_does_not_overflow_the_stack(recorder, workflow):
     """The scheduler's docstring: no stack grows with the length of a path, whatever the
     module count. On-demand prefetching of a chain of producers must not recurse once per
     link either."""

@@ -22,22 +22,27 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 from tritonclient.utils import InferenceServerException
+from recorun.server.export import TritonModelOptions, config_pbtxt, import_onnxruntime
+from recorun.model_specs import SPECS
+from recorun.server.models import make_model
+from recorun.server.weights import INIT_SEED, load_model, origin
 
-from conftest import RecorunServerProcess      # tests/ is on sys.path (pytest's rootdir conftest)
-from server.export import TritonModelOptions, config_pbtxt, import_onnxruntime
-from server.models import SPECS
-from server.weights import INIT_SEED, load_model, origin
+pytestmark = pytest.mark.server
 
 MODELS = tuple(SPECS)
 REPO = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-4, 1e-5          # onnxruntime (server) against torch (here), float32
 
 
-def run_cli(*args: str, timeout: float = 180, env: dict | None = None
+@pytest.fixture
+def run_cli(recorun_server_process):
+    """``run_cli(*args, timeout=180, env=None)``: recorun-server run to completion."""
+    def run(*args: str, timeout: float = 180, env: dict | None = None
             ) -> subprocess.CompletedProcess:
-    return subprocess.run([*RecorunServerProcess.command(), *args], capture_output=True,
-                          check=False, text=True, timeout=timeout, start_new_session=True,
-                          env=env or RecorunServerProcess.environment())
+        return subprocess.run([*recorun_server_process.command(), *args], capture_output=True,
+                              check=False, text=True, timeout=timeout, start_new_session=True,
+                              env=env or recorun_server_process.environment())
+    return run
 
 
 def random_batch(name: str, batch: int, seed: int = 0) -> np.ndarray:
@@ -173,7 +178,7 @@ def test_statistics_open_model_repository_restricted(client):
 
 # --- the command line ---------------------------------------------------------------------------
 
-def test_list_shows_models_shapes_and_origin():
+def test_list_shows_models_shapes_and_origin(run_cli):
     result = run_cli("--list")
     assert result.returncode == 0, result.stderr
     for name, spec in SPECS.items():
@@ -184,23 +189,23 @@ def test_list_shows_models_shapes_and_origin():
         assert f"weights {origin(name)}" in result.stdout
 
 
-def test_list_reads_a_weights_dir(tmp_path):
+def test_list_reads_a_weights_dir(tmp_path, run_cli):
     torch.manual_seed(INIT_SEED + 1)
-    torch.save({"state_dict": SPECS["facile"].make().state_dict(),
+    torch.save({"state_dict": make_model("facile").state_dict(),
                 "origin": "test checkpoint: seed 2022"}, tmp_path / "facile.pt")
     result = run_cli("--list", "--models", "facile", "--weights-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "weights test checkpoint: seed 2022" in result.stdout
 
 
-def test_unknown_model_is_a_usage_error():
+def test_unknown_model_is_a_usage_error(run_cli):
     result = run_cli("--models", "facile,bert")
     assert result.returncode == 2
     assert "unknown model 'bert'" in result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
-def test_cuda_without_a_device_is_a_clear_error():
+def test_cuda_without_a_device_is_a_clear_error(run_cli):
     result = run_cli("--models", "facile", "--device", "cuda", "--grpc-port", "0",
                      "--http-port", "0", "--metrics-port", "0")
     assert result.returncode == 2
@@ -258,13 +263,13 @@ def cache_home(tmp_path):
     return home
 
 
-def test_sigterm_stops_cleanly_torch_backend_without_dynamic_batching(tmp_path, cache_home):
+def test_sigterm_stops_cleanly_torch_backend_without_dynamic_batching(tmp_path, cache_home, recorun_server_process):
     shm_before = shm_entries()
-    server = RecorunServerProcess.launch(
+    server = recorun_server_process.launch(
         "--models", "facile", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
         "--backend", "torch", "--no-dynamic-batching", "--max-batch-size", "64",
         "--instances", "2", log_dir=tmp_path,
-        env=RecorunServerProcess.environment(XDG_CACHE_HOME=str(cache_home)))
+        env=recorun_server_process.environment(XDG_CACHE_HOME=str(cache_home)))
     try:
         with grpcclient.InferenceServerClient(server.grpc) as c:
             config = c.get_model_config("facile").config
@@ -286,12 +291,12 @@ def test_sigterm_stops_cleanly_torch_backend_without_dynamic_batching(tmp_path, 
     assert_nothing_left(server.pid, shm_before, server.log(), cache_home)
 
 
-def test_sigint_to_the_process_group_stops_cleanly(tmp_path, cache_home):
+def test_sigint_to_the_process_group_stops_cleanly(tmp_path, cache_home, recorun_server_process):
     """A terminal's Ctrl-C: SIGINT to recorun-server, tritonserver and the helpers at once."""
     shm_before = shm_entries()
-    server = RecorunServerProcess.launch(
+    server = recorun_server_process.launch(
         "--models", "facile", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
-        log_dir=tmp_path, env=RecorunServerProcess.environment(XDG_CACHE_HOME=str(cache_home)))
+        log_dir=tmp_path, env=recorun_server_process.environment(XDG_CACHE_HOME=str(cache_home)))
     began = time.monotonic()
     code = server.stop(signal.SIGINT, group=True, timeout=30)
     assert code == 0, server.log()[-4000:]
@@ -300,17 +305,17 @@ def test_sigint_to_the_process_group_stops_cleanly(tmp_path, cache_home):
     assert_nothing_left(server.pid, shm_before, server.log(), cache_home)
 
 
-def test_corrupt_weights_fail_to_load_with_a_clear_message(tmp_path, cache_home):
+def test_corrupt_weights_fail_to_load_with_a_clear_message(tmp_path, cache_home, recorun_server_process, run_cli):
     """A real fault: a facile.pt that is not a checkpoint (the first KiB of a valid one)."""
     weights = tmp_path / "weights"
     weights.mkdir()
     buffer = tmp_path / "valid.pt"
-    torch.save({"state_dict": SPECS["facile"].make().state_dict(), "origin": "x"}, buffer)
+    torch.save({"state_dict": make_model("facile").state_dict(), "origin": "x"}, buffer)
     (weights / "facile.pt").write_bytes(buffer.read_bytes()[:1024])
     shm_before = shm_entries()
     result = run_cli("--models", "facile,deepcalo", "--weights-dir", str(weights),
                      "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
-                     env=RecorunServerProcess.environment(XDG_CACHE_HOME=str(cache_home)),
+                     env=recorun_server_process.environment(XDG_CACHE_HOME=str(cache_home)),
                      timeout=120)
     assert result.returncode == 1
     assert result.stdout == ""
@@ -328,7 +333,7 @@ def test_in_process_server_retries_when_a_chosen_port_is_taken(monkeypatch):
     import io
     import socket
 
-    from server import serve
+    from recorun.server import serve
 
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", 0))
@@ -369,7 +374,7 @@ def test_a_model_tritonserver_refuses_is_a_start_error_with_its_log(monkeypatch)
     environment that does not exist, so tritonserver fails to load the model."""
     import io
 
-    from server import serve
+    from recorun.server import serve
 
     publish = serve.RecorunServer._publish_parameters
 
@@ -391,7 +396,7 @@ def test_a_model_tritonserver_refuses_is_a_start_error_with_its_log(monkeypatch)
 
 # --- the Triton model repository for the official container -------------------------------------
 
-def test_export_writes_a_model_repository(tmp_path):
+def test_export_writes_a_model_repository(tmp_path, run_cli):
     repo = tmp_path / "repo"
     result = run_cli("export", str(repo), "--models", "all", "--instances", "2",
                      "--preferred-batch-size", "5", "4500", "--max-queue-delay-us", "50",
@@ -441,7 +446,7 @@ def test_config_pbtxt_without_dynamic_batching_on_cpu():
 def test_model_code_imports_without_framework_or_triton():
     """A GPU site runs server/ alone: the models, weights and export need no framework, no
     Triton client and no Triton server."""
-    code = ("import sys; import server.models, server.weights, server.export; "
+    code = ("import sys; import recorun.server.models, recorun.server.weights, server.export; "
             "bad = [m for m in ('framework', 'modules', 'tritonclient', 'pytriton') "
             "if m in sys.modules]; assert not bad, bad")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

@@ -21,20 +21,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RecorunServerProcess  # tests/ is on sys.path (rootdir conftest)
 
-from framework import Analyzer, ExternalWorkProducer, InputTag, Param, Producer
-from sonic_clients import (
+from recorun import Analyzer, ExternalWorkProducer, InputTag, Param, Producer
+from recorun.sonic_clients import (
     ClientConfig,
     ClientConfigError,
     InferenceError,
     make_client,
     parse_duration,
 )
-from sonic_clients.fallback import group_alive, running_servers
-from sonic_clients.inprocess import InProcessClient
-from sonic_clients.registry import ServerRegistry, default_registry
-from sonic_clients.triton import TritonClient
+from recorun.processes import group_alive
+from recorun.sonic_clients.fallback import running_servers
+from recorun.sonic_clients.inprocess import InProcessClient
+from recorun.sonic_clients.registry import ServerRegistry, default_registry
+from recorun.sonic_clients.triton import TritonClient
+
+pytestmark = pytest.mark.server
 
 RTOL, ATOL = 1e-4, 1e-5
 INPUT = {"facile": "hcal_channels", "deepcalo": "electron_images", "resnet50": "jet_images"}
@@ -158,7 +160,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tritonserver_pid(server: RecorunServerProcess) -> int:
+def tritonserver_pid(server) -> int:
     """The PID of the tritonserver process that recorun-server ``server`` runs."""
     children = []
     for task in Path(f"/proc/{server.pid}/task").iterdir():
@@ -178,9 +180,9 @@ def triton_folders() -> set[Path]:
 # --- servers ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def small_server(tmp_path_factory):
+def small_server(tmp_path_factory, recorun_server_process):
     """FACILE only, max_batch_size 1000."""
-    server = RecorunServerProcess.launch(
+    server = recorun_server_process.launch(
         "--models", "facile", "--max-batch-size", "1000", "--grpc-port", "0",
         "--http-port", "0", "--metrics-port", "0",
         log_dir=tmp_path_factory.mktemp("small-server"))
@@ -238,8 +240,8 @@ def test_client_config():
 
 
 def test_registry_parameters(triton_server):
-    from framework.params import ParamError
-    from framework.registry import load
+    from recorun.framework.params import ParamError
+    from recorun.framework.registry import load
 
     assert load("service", "ServerRegistry") is ServerRegistry
     with pytest.raises(ParamError, match="host:port"):
@@ -407,7 +409,7 @@ def test_make_client_uses_the_workflows_registry(registry, triton_server):
     other = ServerRegistry(servers=[{"name": "main", "address": triton_server.grpc}])
     with pytest.raises(ClientConfigError, match="several ServerRegistry"):
         make_client(ClientConfig("facile"), {"a": registry, "b": other})
-    assert make_client.__module__ == "sonic_clients"
+    assert make_client.__module__ == "recorun.sonic_clients"
 
 
 # --- fallback server -------------------------------------------------------------------------
@@ -444,8 +446,8 @@ def test_fallback_server_when_no_server_is_configured():
 
 CHILD = """
 import sys, time
-from sonic_clients import ClientConfig, make_client
-from sonic_clients.registry import default_registry
+from recorun.sonic_clients import ClientConfig, make_client
+from recorun.sonic_clients.registry import default_registry
 client = make_client(ClientConfig("facile"), {})
 (server,) = default_registry().start_fallback()
 print(server.pid, server.log_path, flush=True)
@@ -495,7 +497,7 @@ def test_unreachable_and_unserving_servers_are_skipped(small_server, caplog):
     dead = f"127.0.0.1:{free_port()}"
     reg = ServerRegistry(servers=[{"name": "dead", "address": dead},
                                   {"name": "small", "address": small_server.grpc}])
-    with caplog.at_level(logging.WARNING, logger="sonic_clients"):
+    with caplog.at_level(logging.WARNING, logger="recorun.sonic_clients"):
         reg.begin_job()
         facile = reg.client_for(ClientConfig("facile", server="dead"))
         deepcalo = reg.client_for(ClientConfig("deepcalo", mode="pseudo-async"))
@@ -557,11 +559,11 @@ def test_no_server_and_fallback_disabled_is_a_clear_error(small_server):
 # --- failures: retries, failover, timeouts ---------------------------------------------------
 
 @pytest.fixture
-def victim(tmp_path):
+def victim(tmp_path, recorun_server_process):
     """A FACILE server to be killed; afterwards tritonserver's leftover repository copy is
     removed (only the one this server made)."""
     before = triton_folders()
-    server = RecorunServerProcess.launch(
+    server = recorun_server_process.launch(
         "--models", "facile", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
         log_dir=tmp_path)
     mine = [p for p in triton_folders() - before
@@ -733,8 +735,7 @@ class Record(Analyzer):
 
 
 @pytest.mark.parametrize("mode", ["async", "pseudo-async"])
-def test_in_a_workflow(triton_server, recorder, mode):
-    from conftest import run_guarded, workflow
+def test_in_a_workflow(triton_server, recorder, mode, run_guarded, workflow):
 
     wf = workflow({"channels": {"type": ToyChannels},
                    "energy": {"type": ToySonicFacile,
@@ -755,10 +756,9 @@ def test_in_a_workflow(triton_server, recorder, mode):
                                rtol=RTOL, atol=ATOL)
 
 
-def test_in_a_workflow_a_dead_server_fails_the_event_with_a_clear_error(recorder):
+def test_in_a_workflow_a_dead_server_fails_the_event_with_a_clear_error(recorder, run_guarded, workflow):
     """validate() at begin_job stops a job before its first event; an unreachable server with
     the fallback disabled is a configuration error naming the model."""
-    from conftest import run_guarded, workflow
 
     wf = workflow({"channels": {"type": ToyChannels},
                    "energy": {"type": ToySonicFacile},

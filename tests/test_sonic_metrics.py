@@ -11,18 +11,16 @@ import json
 from pathlib import Path
 
 import pytest
-
-from conftest import workflow
-from framework import (Analyzer, Concurrency, ExternalWorkProducer, InputTag, Param,
+from recorun import (Analyzer, Concurrency, ExternalWorkProducer, InputTag, Param,
                        Producer, run_workflow)
-from framework.cli import main
-from framework.compare import compare, pair
-from framework.scaling import scale
-from framework.sonic_metrics import Nominal, f_gpu_eq, sonic_entry, sonic_report, sonic_section
+from recorun.framework.cli import main
+from recorun.sonic_clients.compare import compare, pair
+from recorun.sonic_clients.scaling import scale
+from recorun.sonic_clients.report import Nominal, f_gpu_eq, sonic_entry, sonic_report, sonic_section
 
 def module(type_name: str, runs: int, real_ms_total: float, cpu_ms_total: float,
            **extra) -> dict:
-    """A module entry of a job report, as ``framework.reports.summarize`` writes it."""
+    """A module entry of a job report, as ``recorun.framework.reports.summarize`` writes it."""
     return {"type": type_name, "kind": "producer", "runs": runs,
             "real_ms_mean": real_ms_total / runs if runs else 0.0,
             "cpu_ms_mean": cpu_ms_total / runs if runs else 0.0,
@@ -225,7 +223,7 @@ def test_quiet_prints_no_sonic_report_and_a_job_without_sonic_has_no_section(tmp
     assert "sonic" not in json.loads(report_path.read_text())
 
 
-def test_a_sonic_module_that_never_ran_has_an_entry_without_f():
+def test_a_sonic_module_that_never_ran_has_an_entry_without_f(workflow):
     result = run_workflow(workflow({"fake": {"type": FakeSonicProducer}}, events=2))
     e = result.report["sonic"]["fake"]
     assert e["calls"] == 0 and e["bytes_per_call"] is None and e["F_gpu_eq"] is None

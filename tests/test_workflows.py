@@ -28,10 +28,11 @@ import numpy as np
 import pytest
 import uproot
 import yaml
-from conftest import Recorder, run_guarded
 
-from framework import Analyzer, Concurrency, InputTag, Param
-from framework.config import expand_workflow_dir
+from recorun import Analyzer, Concurrency, InputTag, Param
+from recorun.framework.config import expand_workflow_dir
+
+pytestmark = pytest.mark.server
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"
@@ -68,11 +69,15 @@ def prepared(name: str, out: Path, server=None, events: int | None = None) -> di
     return raw
 
 
-def run(raw: dict, timeout: float = 240.0):
-    result = run_guarded(raw, timeout=timeout)
-    assert result.exit_code == 0, result.error
-    assert result.report["events"]["failed"] == 0
-    return result
+@pytest.fixture
+def run(run_guarded):
+    """``run(raw, timeout=240)``: the workflow run, checked to end well."""
+    def run_ok(raw: dict, timeout: float = 240.0):
+        result = run_guarded(raw, timeout=timeout)
+        assert result.exit_code == 0, result.error
+        assert result.report["events"]["failed"] == 0
+        return result
+    return run_ok
 
 
 def read_output(raw: dict) -> dict[str, ak.Array]:
@@ -106,7 +111,7 @@ def test_the_workflows_are_all_there():
 
 @pytest.mark.parametrize("path", ALL_WORKFLOWS, ids=lambda p: p.stem)
 def test_check_passes(path, tmp_path):
-    run_ = subprocess.run([sys.executable, "-m", "framework.cli", str(path), "--check"],
+    run_ = subprocess.run([sys.executable, "-m", "recorun.framework.cli", str(path), "--check"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
     assert run_.returncode == 0, run_.stderr
     assert run_.stdout.startswith(f"{path}: OK: "), run_.stdout
@@ -129,9 +134,8 @@ def test_hlt_workflows_differ_only_in_the_hcal_reconstruction():
     assert tuple(facile["paths"]) == HLT_PATHS
 
 
-def _run_hlt(name: str, out: Path, server=None):
+def _run_hlt(run, log, name: str, out: Path, server=None):
     raw = prepared(name, out, server)
-    log = Recorder()
     raw["modules"]["trigLog"] = {"type": TriggerLog, "recorder": log}
     raw["endpaths"]["trig"] = ["trigLog"]
     result = run(raw)
@@ -179,9 +183,10 @@ def _check_hlt(raw: dict, report: dict, decisions: dict) -> None:
         assert decisions[event]["HLT_MET400"] == (met[i] >= 400.0), event
 
 
-def test_hlt_facile_and_nominal_agree(triton_server, tmp_path):
-    raw_f, report_f, facile = _run_hlt("workflow_hlt", tmp_path, triton_server)
-    raw_n, report_n, nominal = _run_hlt("workflow_hlt_nominal", tmp_path)
+def test_hlt_facile_and_nominal_agree(triton_server, tmp_path, new_recorder, run):
+    raw_f, report_f, facile = _run_hlt(run, new_recorder(), "workflow_hlt", tmp_path,
+                                         triton_server)
+    raw_n, report_n, nominal = _run_hlt(run, new_recorder(), "workflow_hlt_nominal", tmp_path)
     _check_hlt(raw_f, report_f, facile)
     _check_hlt(raw_n, report_n, nominal)
     details = report_f["modules"]["hcalRecHits"]["details"]
@@ -204,7 +209,7 @@ def test_hlt_facile_and_nominal_agree(triton_server, tmp_path):
 def test_hlt_main_command_runs_on_the_fallback_server(tmp_path):
     """README's main command, on 5 events: FACILE on a fallback server recorun starts itself."""
     workflow = WORKFLOWS / "workflow_hlt.yaml"
-    done = subprocess.run([sys.executable, "-m", "framework.cli", str(workflow), "-n", "5",
+    done = subprocess.run([sys.executable, "-m", "recorun.framework.cli", str(workflow), "-n", "5",
                            "-q", "--report-json", "r.json"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stderr
@@ -287,7 +292,7 @@ CHECKS = {"facile": _check_facile, "deepcalo": _check_deepcalo, "resnet50": _che
 
 
 @pytest.mark.parametrize("name", OFFLINE)
-def test_sonic_and_inprocess_variants_agree(triton_server, tmp_path, name):
+def test_sonic_and_inprocess_variants_agree(triton_server, tmp_path, name, run):
     sonic_yaml = raw_yaml(f"workflow_{name}")
     inprocess_yaml = raw_yaml(f"workflow_{name}_inprocess")
     (label,) = [k for k, m in sonic_yaml["modules"].items() if m.get("client") == "triton"]

@@ -1,4 +1,4 @@
-"""``recorun-bench STUDY ...``: see :mod:`benchmarks.studies` and ``docs/RESULTS.md``.
+"""``recorun-bench STUDY ...``: see :mod:`recorun.benchmarks.studies` and ``docs/RESULTS.md``.
 
 Every study prints its figures and, last, one line of JSON; it also writes that JSON and its
 plots into ``--out``. Exit codes: 0 done, 1 a run failed (the failing client's log is
@@ -193,8 +193,8 @@ def study_hlt(args) -> dict:
 
 
 def study_projection(args) -> dict:
-    from framework.scaling import scale
-    from server.models import SPECS
+    from recorun.sonic_clients.scaling import scale
+    from recorun.model_specs import SPECS
 
     gpu: dict[str, tuple[float, str]] = dict(PAPER_GPU)
     if args.gpu_json:

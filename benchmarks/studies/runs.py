@@ -61,8 +61,8 @@ def parse_list(text: str) -> list[int]:
 
 def sonic_models(workflow: Path) -> list[str]:
     """The models the workflow's SONIC producers ask a Triton server for."""
-    from framework.registry import load
-    from producers.base import SonicProducer
+    from recorun.framework.registry import load
+    from recorun.producers.base import SonicProducer
 
     raw = yaml.safe_load(workflow.read_text()) or {}
     models = []
@@ -132,7 +132,7 @@ def server(models: Sequence[str], addresses: Sequence[str], options: Sequence[st
     if addresses or not models:
         yield list(addresses)
         return
-    from sonic_clients.fallback import FallbackServer
+    from recorun.sonic_clients.fallback import FallbackServer
 
     local = FallbackServer(models, options, cpus=cpus).start()
     try:
@@ -143,7 +143,7 @@ def server(models: Sequence[str], addresses: Sequence[str], options: Sequence[st
 
 def recorun_command() -> list[str]:
     script = Path(sys.executable).with_name("recorun")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "framework.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "recorun.framework.cli"]
 
 
 @dataclass

@@ -19,11 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-from server.export import environment  # noqa: E402
-from server.serve import _libpython_path, free_ports  # noqa: E402
+from recorun.server.export import environment
+from recorun.server.serve import _libpython_path, free_ports
 
 
 def particle_sums(particles: np.ndarray) -> dict[str, np.ndarray]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import Concurrency, Filter, InputTag, Param, Producer
+from recorun import Concurrency, Filter, InputTag, Param, Producer
 
 
 class DijetMassProducer(Producer):

@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 
-from .errors import EXIT_OK, InputError
-from .reports import read_report
+from recorun.framework.errors import EXIT_OK, InputError
+from recorun.framework.reports import read_report
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,7 +45,7 @@ def _per_event(total: float, events: int) -> float | None:
 
 
 def compare(a: dict, b: dict, *, file_a: str = "A", file_b: str = "B") -> dict:
-    """The comparison of two job reports (as :func:`framework.reports.read_report` returns)."""
+    """The comparison of two job reports (as :func:`recorun.framework.reports.read_report` returns)."""
     read_a, read_b = a["events"]["read"], b["events"]["read"]
     ma, mb = a["modules"], b["modules"]
     modules = {

@@ -33,8 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, InputError
-from .reports import read_report
+from recorun.framework.errors import ConfigError, InputError
+from recorun.framework.reports import read_report
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,12 @@ Nothing on the hot path is instrumented. The exporter has its own
 one process, or the tests, never mix their metrics) holding one custom collector,
 :class:`JobCollector`. At each scrape, on the HTTP server's thread, it reads live objects:
 
-* the scheduler's :class:`~framework.scheduler.JobStatus` (events read, accepted, rejected,
+* the scheduler's :class:`~recorun.framework.scheduler.JobStatus` (events read, accepted, rejected,
   failed), under the scheduler's lock so the counts agree with each other;
-* each module's per-stream :class:`~framework.stats.ModuleStats` (calls, real and CPU time),
+* each module's per-stream :class:`~recorun.framework.stats.ModuleStats` (calls, real and CPU time),
   added up over the streams; plain integers written by one thread each, read without a lock
   (a scrape may see a call half-counted: its time but not yet its run, never a torn value);
-* each module's :meth:`~framework.module.Module.metrics` hook, e.g. a SONIC producer's client
+* each module's :meth:`~recorun.framework.module.Module.metrics` hook, e.g. a SONIC producer's client
   counters (requests, in flight, retries, failures, bytes sent), labelled ``module`` and
   ``model``.
 
@@ -48,12 +48,9 @@ import logging
 import re
 import threading
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-from .errors import ConfigError
-from .params import Param, ParamError
-from .service import Service
+from recorun.framework.errors import ConfigError
+from recorun.framework.params import Param, ParamError
+from recorun.framework.service import Service
 
 LOG = logging.getLogger("recorun.prometheus")
 
@@ -93,6 +90,8 @@ class JobCollector:
 
     @staticmethod
     def _events(scheduler):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         if scheduler is None:
             read = accepted = rejected = failed = 0
         else:
@@ -113,6 +112,8 @@ class JobCollector:
 
     @staticmethod
     def _modules(workers):
+        from prometheus_client.core import CounterMetricFamily
+
         families = {
             "real": CounterMetricFamily(PREFIX + "module_seconds", "Real time in the module's "
                                         "calls (acquire and produce for ExternalWork)",
@@ -148,7 +149,9 @@ class JobCollector:
 
     @staticmethod
     def _module_metrics(workers):
-        """The modules' own :meth:`~framework.module.Module.metrics`, one family per name."""
+        """The modules' own :meth:`~recorun.framework.module.Module.metrics`, one family per name."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         samples: dict[tuple[str, str], dict[tuple, float]] = {}   # (kind, name) -> values
         label_names: dict[tuple[str, str], set[str]] = {}
         for worker in workers:
@@ -185,7 +188,9 @@ class JobCollector:
 
 class PrometheusExporter(Service):
     """Serves the job's counters to Prometheus over HTTP while the job runs (off unless
-    configured; ``recorun --metrics-port N`` adds it). See :mod:`framework.prometheus`."""
+    configured; ``recorun --metrics-port N`` adds it). See :mod:`recorun.monitoring.prometheus`."""
+
+    requires = {"prometheus_client": "recorun[metrics]"}
 
     port = Param(int, 0, doc="TCP port of the /metrics endpoint; 0: a free port (logged)")
     address = Param(str, "127.0.0.1",
@@ -197,6 +202,8 @@ class PrometheusExporter(Service):
         if not 0 <= self.port <= 65535:
             raise ParamError("port", f"{self.port} is not a TCP port (0 to 65535; 0: any "
                                      "free port)")
+        from prometheus_client import CollectorRegistry
+
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = JobCollector()
         self.registry.register(self.collector)
@@ -206,6 +213,8 @@ class PrometheusExporter(Service):
         self.url: str | None = None
 
     def begin_job(self) -> None:
+        from prometheus_client import start_http_server
+
         try:
             self.server, self.thread = start_http_server(self.port, addr=self.address,
                                                          registry=self.registry)
@@ -230,6 +239,12 @@ class PrometheusExporter(Service):
         if self.thread is not None:
             self.thread.join(10)
 
+    def report(self) -> dict | None:
+        """Where the metrics were served (the job report's ``services`` entry)."""
+        return {"url": self.url} if self.url else None
+
     def text(self) -> str:
         """The metrics as a scrape would give them now (also after the job)."""
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry).decode()

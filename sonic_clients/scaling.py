@@ -20,7 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from .errors import EXIT_OK
+from recorun.framework.errors import EXIT_OK
 
 
 @dataclass(frozen=True)

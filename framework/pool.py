@@ -2,7 +2,7 @@
 
 The calling thread is worker 0, so ``threads=1`` runs every module on the calling thread (the
 synchronous, deterministic mode; a debugger sees a plain stack). A task that schedules a
-continuation of itself with :meth:`Executor.soon` keeps the first one on the same thread
+continuation of itself with :meth:`ThreadPool.soon` keeps the first one on the same thread
 (no queue round trip, no recursion); further ones go to the shared queue where any idle
 worker takes them. No task ever blocks a worker waiting for another task.
 """
@@ -16,7 +16,7 @@ from collections import deque
 _local = threading.local()
 
 
-class Executor:
+class ThreadPool:
     def __init__(self, threads: int):
         self.threads = threads
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -78,10 +78,10 @@ class Executor:
 
 
 class SerialQueue:
-    """Runs the tasks pushed to it one at a time, in order, on the executor's threads."""
+    """Runs the tasks pushed to it one at a time, in order, on the pool's threads."""
 
-    def __init__(self, executor: Executor):
-        self._executor = executor
+    def __init__(self, pool: ThreadPool):
+        self._pool = pool
         self._lock = threading.Lock()
         self._pending: deque = deque()
         self._busy = False
@@ -92,7 +92,7 @@ class SerialQueue:
                 self._pending.append((fn, args))
                 return
             self._busy = True
-        self._executor.soon(self._run, fn, args)
+        self._pool.soon(self._run, fn, args)
 
     def _run(self, fn, args) -> None:
         try:
@@ -105,7 +105,7 @@ class SerialQueue:
                     self._busy = False
                     nxt = None
             if nxt is not None:
-                self._executor.soon(self._run, *nxt)
+                self._pool.soon(self._run, *nxt)
 
 
 class OrderedQueue:
@@ -116,8 +116,8 @@ class OrderedQueue:
     for output modules, so that they write events in event order whatever the thread count.
     """
 
-    def __init__(self, executor: Executor):
-        self._executor = executor
+    def __init__(self, pool: ThreadPool):
+        self._pool = pool
         self._lock = threading.Lock()
         self._pending: dict[int, tuple | None] = {}
         self._next = 0
@@ -128,7 +128,7 @@ class OrderedQueue:
             self._pending[key] = (fn, args)
             task = self._take()
         if task is not None:
-            self._executor.soon(self._run, task)
+            self._pool.soon(self._run, task)
 
     def release(self, key: int) -> None:
         """Key ``key`` has no task (or already had it): let the keys after it go."""
@@ -138,7 +138,7 @@ class OrderedQueue:
             self._pending[key] = None
             task = self._take()
         if task is not None:
-            self._executor.soon(self._run, task)
+            self._pool.soon(self._run, task)
 
     def _take(self):
         """With the lock held: skip released keys, claim the next task if it is ready."""
@@ -161,4 +161,4 @@ class OrderedQueue:
                 self._busy = False
                 nxt = self._take()
             if nxt is not None:
-                self._executor.soon(self._run, nxt)
+                self._pool.soon(self._run, nxt)
