@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .config import PluginSpec, WorkflowConfig
 from .errors import ConfigError
-from .extras import MissingExtra, check
+from .extras import installed, missing_message
 from .graph import ModuleGraph
 from .module import Module
 from .params import ParamError
@@ -24,6 +24,20 @@ class BuiltWorkflow:
     source: Source
     services: dict[str, Service]
     graph: ModuleGraph
+
+    def consumed_tags(self) -> set[str]:
+        """Every product some module reads."""
+        return {tag for node in self.graph.nodes.values() for tag in node.consumes}
+
+    def source_for(self, parameters: dict) -> Source:
+        """A new source of the workflow's source type, its parameters updated by
+        ``parameters`` (a chunk's), told which products the modules read; not opened."""
+        spec = self.config.source
+        source = _instantiate(self.config, PluginSpec(spec.label, spec.type_name,
+                                                      {**spec.params, **parameters}),
+                              "source", Source)
+        source.select_products(self.consumed_tags())
+        return source
 
     def new_instance(self, label: str) -> Module:
         """Another copy of module ``label`` with the same parameters (one per stream)."""
@@ -40,10 +54,6 @@ def _instantiate(config: WorkflowConfig, spec: PluginSpec, kind: str, base: type
         raise ConfigError(str(exc), **where) from None
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise ConfigError(f"'{spec.type_name}' is not a {base.__name__} subclass", **where)
-    try:
-        check(cls.requires, f"{cls.__name__}")
-    except MissingExtra as exc:
-        raise ConfigError(str(exc), **where) from None
     try:
         if kind == "module":
             return cls(spec.label, **spec.params)
@@ -63,4 +73,17 @@ def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
     graph = ModuleGraph(config, modules, source.product_tags())
     for module in modules.values():
         module.services = services
+    _check_requirements(config, source, services, modules)
     return BuiltWorkflow(config, source, services, graph)
+
+
+def _check_requirements(config: WorkflowConfig, source, services: dict, modules: dict) -> None:
+    """Every package the workflow's types need that is not installed, in one configuration
+    error (exit 2) with the line that installs them all."""
+    users = [("source", source), *((f"service '{label}'", s) for label, s in services.items()),
+             *((f"module '{label}'", m) for label, m in modules.items())]
+    missing = [(f"{who} ({type(thing).__name__})", package, install)
+               for who, thing in users
+               for package, install in thing.requirements().items() if not installed(package)]
+    if missing:
+        raise ConfigError(missing_message(missing), file=config.file)

@@ -1,10 +1,10 @@
-"""A job cut into chunks: the plan, one chunk's job, and putting the pieces back together.
+"""A job cut into chunks: the plan, the build-once worker, and the pieces put back together.
 
-This is what every chunked executor shares (the Dask farm, :mod:`recorun.farm`); it knows
-the workflow only through the engine's interfaces: the source cuts itself
-(:meth:`~recorun.framework.source.Source.chunks`), each output module names its file
-(:attr:`~recorun.framework.module.OutputModule.output_file_param`) and merges its parts
-(:meth:`~recorun.framework.module.OutputModule.merge`).
+This is what every chunked executor shares (``--processes N``, the Dask farm; the driver is
+:mod:`recorun.framework.chunked_run`); it knows the workflow only through the engine's
+interfaces: the source cuts itself (:meth:`~recorun.framework.source.Source.chunks`), each
+output module names its file (:attr:`~recorun.framework.module.OutputModule.output_file_param`)
+and merges its parts (:meth:`~recorun.framework.module.OutputModule.merge`).
 
 Chunking (:func:`plan_chunks`)
     The driver builds the workflow first, as a plain run does: a configuration or input error
@@ -12,33 +12,32 @@ Chunking (:func:`plan_chunks`)
     ``max_events``, are cut into :class:`~recorun.framework.source.SourceChunk` pieces of about
     ``chunk_size`` events (a RootSource cuts on cluster boundaries, each piece within a file).
 
-One chunk's job (:func:`run_chunk`)
-    The unchanged workflow with the source restricted to the chunk (its parameters updated by
-    the chunk's, ``process.max_events`` its size) and each output module's file pointed at a
-    part file ``<file>.parts/chunk-NNNNN-<attempt><suffix>``. Every attempt writes its own part
-    files, so that a lost attempt cannot spoil another one. A job whose exit code is not 0
-    raises :class:`ChunkFailed`, which carries its exit code.
+The worker (:class:`ChunkWorker`)
+    Builds and begins the workflow once per process, then runs chunks one after another: a
+    chunk's source is a new source restricted to it, each output writes a part file of its
+    own, the counters of each chunk go back to the driver; at the end, end_job once and the
+    process report (the modules' details, CPU time, peak RSS).
 
 Merging (:func:`merge_outputs`, :func:`merge_reports`)
-    When every chunk is done, each output module's parts are merged in chunk order by its
+    When every chunk is complete, each output module's parts are merged in chunk order by its
     type's ``merge(parts, destination, **params)`` into the file the workflow names, which then
     reads like a single job's. The chunk reports become one job report: counters summed,
     per-call means weighted by the calls (``runs``), failed events given their job-wide index
-    with their file and entry; the plugins' report sections are made again on the merged
-    report.
+    with their file and entry, the modules' details merged from the processes' reports; the
+    plugins' report sections are made again on the merged report.
 
 Resubmission (:class:`Resubmission`)
-    With failed chunks, the done chunks' parts are kept and the resubmission file
+    With chunks not complete, the complete chunks' parts are kept and the resubmission file
     (``<report>.failed.json``, or ``recorun-failed-chunks.json`` without ``--report-json``)
-    records the plan, the done chunks with their parts and reports, and the failed chunks with
-    their errors, so that a later run redoes only what is missing.
+    records the plan, the complete chunks with their parts and reports, and the others with
+    their errors, so that ``--resubmit FILE`` redoes only what is missing.
 """
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
+import resource
 import socket
 import time
 import uuid
@@ -47,13 +46,17 @@ from pathlib import Path
 
 from .build import BuiltWorkflow, build_workflow
 from .config import apply_overrides, expand_workflow_dir, load_yaml, parse_workflow
-from .errors import EXIT_MODULE, EXIT_OK, ConfigError, InputError, RecorunError
+from .errors import EXIT_MODULE, EXIT_OK, ConfigError, InputError, ModuleError, RecorunError
 from .hooks import report_sections
 from .module import OutputModule
-from .process import run_job
+from .native_threads import limited
+from .process import (STOP_REASONS, begin_job, begin_module, close_source_of, end_job,
+                      exit_code_of)
+from .reports import cpu_efficiency, summarize, thread_advice
+from .scheduler import Scheduler
 from .source import SourceChunk
 
-DEFAULT_CHUNK_SIZE = 1000
+MIN_CHUNK, MAX_CHUNK = 10, 10_000     # the default chunk size's bounds (default_chunk_size)
 RESUBMISSION_VERSION = 2
 RESUBMISSION_DEFAULT = "recorun-failed-chunks.json"
 EVENT_KEYS = ("read", "accepted", "rejected", "failed")
@@ -115,11 +118,11 @@ def raw_workflow(path: str | Path, overrides) -> dict:
     return expand_workflow_dir(raw, str(Path(path).resolve().parent))
 
 
-# -- one chunk ----------------------------------------------------------------------------------
+# -- the build-once worker -----------------------------------------------------------------------
 
 class ChunkFailed(Exception):
-    """A chunk's job did not end with exit code 0 (raised where it ran, read by the driver; it
-    carries only its message, exit code and worker, so that it travels between processes)."""
+    """A chunk could not be run (raised where it ran, read by the driver; it carries only its
+    message, exit code and worker, so that it travels between processes)."""
 
     def __init__(self, message: str, exit_code: int = EXIT_MODULE, worker: str = ""):
         super().__init__(message, exit_code, worker)
@@ -129,22 +132,11 @@ class ChunkFailed(Exception):
         return self.message
 
 
-def chunk_workflow(raw: dict, chunk: SourceChunk, outputs: dict, attempt: str
-                   ) -> tuple[dict, dict]:
-    """The workflow mapping of one chunk's job, and its part file per output label.
-    ``outputs``: ``{label: [parameter, parts folder, suffix]}``."""
-    raw = copy.deepcopy(raw)
-    source = raw["source"] if isinstance(raw["source"], dict) else {"type": raw["source"]}
-    raw["source"] = {**source, **chunk.parameters}
-    raw["process"] = {**(raw.get("process") or {}), "max_events": chunk.size,
-                      "report_every_s": 0}
-    parts = {}
-    for label, (param, folder, suffix) in outputs.items():
-        entry = raw["modules"][label]
-        entry = dict(entry) if isinstance(entry, dict) else {"type": entry}
-        parts[label] = entry[param] = str(Path(folder) / f"chunk-{chunk.id:05d}-{attempt}{suffix}")
-        raw["modules"][label] = entry
-    return raw, parts
+class WorkerStartError(ChunkFailed):
+    """The workflow could not be built or begun in a worker."""
+
+    def as_dict(self) -> dict:
+        return {"error": self.message, "exit_code": self.exit_code, "worker": self.worker}
 
 
 def plain(data: dict) -> dict:
@@ -154,28 +146,132 @@ def plain(data: dict) -> dict:
     return json.loads(json.dumps(data, default=default))
 
 
-def run_chunk(task: dict) -> dict:
-    """Run one chunk's job in this process; its result, or :class:`ChunkFailed`. ``task``:
-    ``{"workflow": raw mapping, "file": YAML file, "chunk": SourceChunk as a dict, "outputs":
-    {label: [parameter, parts folder, suffix]}}``."""
-    began = time.time()
-    where = f"{socket.gethostname()}:{os.getpid()}"
-    chunk = SourceChunk(**task["chunk"])
-    raw, parts = chunk_workflow(task["workflow"], chunk, task["outputs"], uuid.uuid4().hex[:8])
-    try:
-        built = build_workflow(parse_workflow(raw, task["file"]))
-    except RecorunError as exc:
-        raise ChunkFailed(f"{type(exc).__name__}: {exc}", exc.exit_code, where) from None
-    result = run_job(built, quiet=True, out=io.StringIO())
-    if result.exit_code != EXIT_OK:
-        reason = result.error or result.report.get("stop_reason") or "the job failed"
-        raise ChunkFailed(str(reason), result.exit_code, where)
-    missing = [p for p in parts.values() if not Path(p).is_file()]
-    if missing:
-        raise ChunkFailed(f"the job ended but its output {missing[0]} is missing", EXIT_MODULE,
-                          where)
-    return {"report": plain(result.report), "parts": parts, "worker": where,
-            "wall_s": time.time() - began}
+class ChunkWorker:
+    """The workflow built once in this process, running chunks one after another: a worker of
+    a chunked executor (a local process, a Dask worker).
+
+    ``task``: ``{"workflow": raw mapping, "file": YAML file, "outputs": {label: [parameter,
+    parts folder, suffix]}}``.
+
+    Set-up (once): the workflow is built and begun as one job's: services' and modules'
+    ``begin_job`` and ``post_begin_job`` (a SONIC producer's client, a fallback server), but
+    for the output modules, which begin and end once per chunk.
+
+    A chunk (:meth:`run`): a new source of the workflow's source type with the chunk's
+    parameters; each output module's file parameter pointed at the chunk's part file
+    ``<folder>/chunk-NNNNN-<attempt>-<run><suffix>`` and begun; the scheduler run over the chunk's
+    events with the workflow's threads and streams; the outputs ended (the part gets its final
+    name when the chunk is complete). Its result: the chunk's report (counts and times, no
+    module details), its parts, its exit code. Every run of a chunk writes part files of its
+    own, so that a lost run cannot spoil another one.
+
+    :meth:`finish` (once): end_job of every module and service, and the process report: the
+    modules' ``details`` (their clients' figures), chunks and events run, CPU time, peak RSS.
+    """
+
+    def __init__(self, task: dict):
+        self.where = f"{socket.gethostname()}:{os.getpid()}"
+        self.began, self.cpu_began = time.time(), time.process_time()
+        self.file = task["file"]
+        self.outputs = task["outputs"]
+        self.chunks = self.events = 0
+        self.runs: dict[str, int] = {}
+        self.finished: dict | None = None
+        try:
+            self.built = build_workflow(parse_workflow(task["workflow"], task["file"]))
+        except RecorunError as exc:
+            raise WorkerStartError(f"{type(exc).__name__}: {exc}", exc.exit_code,
+                                   self.where) from None
+        self.scheduler = Scheduler(self.built)
+        self.begun: list = []
+        try:
+            begin_job(self.built, self.scheduler, self.begun, skip=frozenset(self.outputs),
+                      open_source=False)
+        except (ConfigError, ModuleError, InputError) as exc:
+            end_job(self.built, self.scheduler, self.begun, close_source=False)
+            raise WorkerStartError(str(exc), exc.exit_code, self.where) from None
+        self.output_instances = [(w, m) for w, m in self.scheduler.all_instances()
+                                 if w.label in self.outputs]
+        self.setup_s = time.time() - self.began
+
+    def interrupt(self) -> None:
+        """Stop reading events: the chunk under way ends after the events in flight, and no
+        other chunk runs."""
+        self.scheduler.stop("interrupted")
+
+    def run(self, chunk: SourceChunk, attempt: str) -> dict:
+        began = time.time()
+        parts: dict[str, str] = {}
+        begun_outputs: list = []
+        source, error = None, None
+        try:
+            source = self.built.source_for(chunk.parameters)
+            self.scheduler.prepare(source)
+            for worker, module in self.output_instances:
+                param, folder, suffix = self.outputs[worker.label]
+                parts[worker.label] = path = str(Path(folder) / (
+                    f"chunk-{chunk.id:05d}-{attempt}-{uuid.uuid4().hex[:6]}{suffix}"))
+                setattr(module, param, path)
+                module.job_complete = False
+                begin_module(worker, module)
+                begun_outputs.append(module)
+            source.open(chunk.size)
+        except (ConfigError, ModuleError, InputError) as exc:
+            error = exc
+            if source is None:
+                self.scheduler.prepare(self.built.source)
+            self.scheduler.stop(next(r for kind, r in STOP_REASONS if isinstance(exc, kind)),
+                                exc)
+        if error is None and self.scheduler.status.stop_reason is None:
+            with limited(self.built.config.process.native_threads):
+                self.scheduler.run()
+            error = self.scheduler.status.stop_error
+        complete = error is None and self.scheduler.status.stop_reason is None
+        for module in begun_outputs:
+            module.job_complete = complete
+        end_errors = end_job(self.built, self.scheduler, begun_outputs, close_source=False)
+        if source is not None:
+            end_errors += close_source_of(source)
+        if error is None and end_errors:
+            error = end_errors[0]
+            complete = False
+        reason = self.scheduler.status.stop_reason
+        code = exit_code_of(reason, error)
+        report = summarize(self.scheduler, workflow=self.file, exit_code=code,
+                           not_processed=None, details=False)
+        self.scheduler.reset_stats()
+        self.chunks += 1
+        self.events += report["events"]["read"]
+        for label, entry in report["modules"].items():
+            self.runs[label] = self.runs.get(label, 0) + entry["runs"]
+        wall = time.time() - began
+        return {"report": plain(report), "parts": parts, "worker": self.where,
+                "wall_s": wall, "overhead_s": max(wall - report["wall_s"], 0.0),
+                "exit_code": code, "complete": complete, "stop_reason": reason,
+                "error": None if error is None else str(error)}
+
+    def finish(self) -> dict:
+        """End the job in this process (once); its process report."""
+        if self.finished is not None:
+            return self.finished
+        errors = end_job(self.built, self.scheduler, self.begun, close_source=False)
+        final = summarize(self.scheduler, workflow=self.file, exit_code=EXIT_OK,
+                          not_processed=None)
+        details = {label: entry["details"] for label, entry in final["modules"].items()
+                   if "details" in entry}
+        self.finished = plain({
+            "worker": self.where, "pid": os.getpid(), "chunks": self.chunks,
+            "events": self.events, "runs": self.runs, "details": details,
+            "services": final["services"],
+            "setup_s": self.setup_s, "wall_s": time.time() - self.began,
+            "cpu_s": time.process_time() - self.cpu_began, "peak_rss_mb": peak_rss_mb(),
+            "errors": [str(e) for e in errors]})
+        return self.finished
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # -- the state of every chunk, and the resubmission file ----------------------------------------
@@ -190,17 +286,18 @@ class ChunkState:
     exit_code: int | None = None
     worker: str | None = None
     wall_s: float = 0.0
+    overhead_s: float = 0.0          # the chunk's time outside its event loop
 
     def to_dict(self) -> dict:
         return {"chunk": asdict(self.chunk), "status": self.status, "parts": self.parts,
                 "report": self.report, "error": self.error, "exit_code": self.exit_code,
-                "worker": self.worker, "wall_s": self.wall_s}
+                "worker": self.worker, "wall_s": self.wall_s, "overhead_s": self.overhead_s}
 
     @classmethod
     def from_dict(cls, data: dict) -> ChunkState:
         return cls(SourceChunk(**data["chunk"]), data["status"], data.get("parts") or {},
                    data.get("report"), data.get("error"), data.get("exit_code"),
-                   data.get("worker"), data.get("wall_s", 0.0))
+                   data.get("worker"), data.get("wall_s", 0.0), data.get("overhead_s", 0.0))
 
     def line(self) -> str:
         c = self.chunk
@@ -266,8 +363,9 @@ def initial_states(built: BuiltWorkflow, workflow: str, chunk_size: int,
         say(f"warning: {previous.path} was written for {previous.workflow}, not {workflow}")
     states = previous.states
     for state in states:
-        if state.status != "done":
+        if state.status != "done":                  # run it whole again
             state.status, state.error, state.exit_code = "todo", None, None
+            state.report, state.parts = None, {}
             continue
         missing = [t for t in targets if not Path(state.parts.get(t, "")).is_file()]
         if missing:
@@ -328,16 +426,18 @@ def _add_path(into: dict, entry: dict) -> None:
 
 
 def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
-                  options=None) -> dict:
-    """One job report of the done chunks' reports, on the zero ``template`` of the workflow
-    (events, paths, modules added up; see the module docstring)."""
+                  options=None, processes: list[dict] = ()) -> dict:
+    """One job report of the chunks' reports (every chunk that ran, all or part of it), on the
+    zero ``template`` of the workflow: events, paths and modules added up, failed events given
+    their job-wide index; the modules' ``details`` and the services' entries from the worker
+    processes' reports (:meth:`ChunkWorker.finish`), weighted by the calls each made."""
     report = copy.deepcopy(template)
     report["events"] = dict.fromkeys(EVENT_KEYS, 0)
     report["failed_events"] = []
-    report["services"] = {}
     skipped = list(report["source"].get("skipped_files") or [])
+    cpu = 0.0
     for state in sorted(states, key=lambda s: s.chunk.id):
-        if state.status != "done":
+        if state.report is None:
             continue
         chunk, part = state.chunk, state.report
         for key in EVENT_KEYS:
@@ -352,15 +452,31 @@ def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
                 _add_path(report[kind][name], entry)
         for label, entry in part["modules"].items():
             _add_module(report["modules"][label], entry)
-        for label, section in (part.get("services") or {}).items():
-            report["services"].setdefault(label, section)     # the first chunk's
         for item in part["source"].get("skipped_files") or []:
             skipped.append({**item, "chunk": chunk.id,
                             "entries": [chunk.first_entry, chunk.stop_entry]})
+        cpu += part.get("cpu_s", 0.0)
+    runs: dict[str, int] = {}
+    services: dict = {}
+    for process in processes:
+        for label, details in process.get("details", {}).items():
+            mine = process.get("runs", {}).get(label, 0)
+            entry = report["modules"][label]
+            entry["details"] = _merge_details(entry.get("details"), details,
+                                              runs.get(label, 0), mine)
+            runs[label] = runs.get(label, 0) + mine
+        for label, section in (process.get("services") or {}).items():
+            services.setdefault(label, section)
+    report["services"] = services
     report["source"]["skipped_files"] = skipped
     ev = report["events"]
     report["wall_s"] = max(wall_s, 1e-9)
     report["throughput_hz"] = (ev["accepted"] + ev["rejected"] + ev["failed"]) / report["wall_s"]
+    workers = max(len(processes), 1)
+    report["processes"] = workers
+    report["cpu_s"] = cpu
+    report["cpu_efficiency"] = cpu_efficiency(cpu, report["wall_s"], report["threads"] * workers)
+    report["advice"] = thread_advice(report)
     report.update(report_sections(report, options))   # from the merged figures
     return report
 
@@ -380,11 +496,23 @@ def merge_outputs(targets: dict[str, OutputTarget], states: list[ChunkState], sa
             pass                               # something of the user's is in it
 
 
-def not_processed(failed: list[ChunkState]) -> str | None:
-    if not failed:
+def not_processed(states: list[ChunkState]) -> str | None:
+    """The events no chunk processed: of chunks that never ran or were lost, and the rest of
+    chunks that stopped part-way."""
+    pieces, events = [], 0
+    for s in sorted(states, key=lambda s: s.chunk.id):
+        c = s.chunk
+        done = s.report["events"]["read"] if s.report is not None else 0
+        if s.status == "done" or done >= c.size:
+            continue
+        first = c.first_index + done
+        where = (f"{c.file} entries {c.first_entry + done} to {c.stop_entry - 1}" if c.file
+                 else f"events {first} to {c.first_index + c.size - 1}")
+        why = s.error or ("not run: the job stopped first" if s.status == "todo" else s.status)
+        pieces.append(f"chunk {c.id} ({c.size - done} events: {where}, job event indices "
+                      f"{first} to {c.first_index + c.size - 1}): {why}")
+        events += c.size - done
+    if not pieces:
         return None
-    events = sum(s.chunk.size for s in failed)
-    listed = "; ".join(f"chunk {s.chunk.id} ({s.chunk.size} events: {s.chunk.describe()}, "
-                       f"job event indices {s.chunk.first_index} to "
-                       f"{s.chunk.first_index + s.chunk.size - 1}): {s.error}" for s in failed)
-    return f"{events} events in {len(failed)} failed chunks were not processed: {listed}"
+    return f"{events} events were not processed: " + "; ".join(pieces)
+

@@ -16,11 +16,12 @@ import sys
 
 from . import __version__
 from .build import build_workflow
+from .chunked import Resubmission
 from .config import load_workflow
 from .errors import EXIT_CONFIG, EXIT_OK, ConfigError, RecorunError
 from .executors import BUILTIN, JobRequest
 from .extras import installed
-from .hooks import hook, merged, plugin_manager
+from .hooks import hook, merged, plugin_manager, text_reports
 from .registry import GROUPS, PluginNotFound, available, load
 from .reports import resources_json, time_report, trig_report, write_json
 
@@ -36,6 +37,16 @@ def parser(executors: dict) -> argparse.ArgumentParser:
     p.add_argument("-j", "--threads", type=int, metavar="N", help="pool threads (process.threads)")
     p.add_argument("-s", "--streams", type=int, metavar="N",
                    help="events in flight (process.streams; default: as many as threads)")
+    p.add_argument("-p", "--processes", type=int, metavar="N",
+                   help="worker processes on this node, each with its threads and streams, "
+                        "taking chunks of the input (process.processes; default 1)")
+    p.add_argument("--chunk-size", type=int, metavar="N",
+                   help="events per chunk of a chunked job (--processes, --executor dask), "
+                        "cut on the files' cluster boundaries (default: about four chunks "
+                        "per worker)")
+    p.add_argument("--resubmit", metavar="FAILED.json",
+                   help="run only the chunks that a chunked job left undone in this file "
+                        "(with its --set, then these), and merge with its complete chunks")
     p.add_argument("--sync", action="store_true",
                    help="debugging mode: 1 thread, 1 stream, ExternalWork waits right after "
                         "acquire, so modules run in one fixed order")
@@ -74,7 +85,7 @@ def parser(executors: dict) -> argparse.ArgumentParser:
 def _overrides(args) -> list[str]:
     extra = []
     for flag, key in (("max_events", "process.max_events"), ("threads", "process.threads"),
-                      ("streams", "process.streams")):
+                      ("streams", "process.streams"), ("processes", "process.processes")):
         value = getattr(args, flag)
         if value is not None:
             extra.append(f"{key}={value}")
@@ -82,7 +93,34 @@ def _overrides(args) -> list[str]:
         extra += ["process.threads=1", "process.streams=1", "process.synchronous=true"]
     from_plugins = [item for items in hook().recorun_workflow_overrides(options=args)
                     for item in items or ()]             # first: --set may then refine them
-    return from_plugins + list(args.overrides) + extra
+    first = Resubmission.load(args.resubmit).overrides if args.resubmit else []
+    return first + from_plugins + list(args.overrides) + extra
+
+
+#: options that a job cut into chunks cannot take (each chunk is run by a worker of its own)
+NOT_IN_CHUNKS = (("trace", "--trace"), ("start_at", "--start-at"),
+                 ("metrics_port", "--metrics-port"))
+
+
+def chunked_options_problem(args, processes: int) -> str | None:
+    """What is wrong with the options of a chunked job (``processes`` > 1 or another executor
+    than local), or with chunk options on a job that is not one; None if nothing."""
+    chunked = processes > 1 or args.executor != "local"
+    if not chunked:
+        given = [flag for flag, value in (("--chunk-size", args.chunk_size),
+                                          ("--resubmit", args.resubmit)) if value is not None]
+        if given:
+            return (f"{given[0]} goes with a job cut into chunks: --processes N (N > 1) or "
+                    f"--executor dask")
+        return None
+    if processes > 1 and args.executor != "local":
+        return (f"--processes runs worker processes of this node; the {args.executor} "
+                f"executor has workers of its own")
+    for name, flag in NOT_IN_CHUNKS:
+        if getattr(args, name, None) is not None:
+            return (f"{flag} is not supported in a job cut into chunks (--processes, "
+                    f"--executor dask): each worker runs chunks of its own")
+    return None
 
 
 def _list_types(executors: dict) -> None:
@@ -138,8 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         return _describe(args.describe)
     if args.workflow is None:
         cli.error("a workflow file is required (or --list / --describe TYPE)")
-    if args.sync and (args.threads or 1, args.streams or 1) != (1, 1):
-        cli.error("--sync runs one thread and one stream; it cannot go with -j or -s above 1")
+    if args.sync and (args.threads or 1, args.streams or 1, args.processes or 1) != (1, 1, 1):
+        cli.error("--sync runs one thread, one stream and one process; it cannot go with -j, "
+                  "-s or -p above 1")
+    for flag, value in (("--processes", args.processes), ("--chunk-size", args.chunk_size)):
+        if value is not None and value < 1:
+            cli.error(f"{flag} must be at least 1")
     try:
         hook().recorun_check_options(options=args)
         overrides = _overrides(args)
@@ -151,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except RecorunError as exc:
         err.write(f"recorun: error: {exc}\n")
         return exc.exit_code
+    problem = chunked_options_problem(args, config.process.processes)
+    if problem:
+        err.write(f"recorun: configuration error: {problem}\n")
+        return EXIT_CONFIG
     for warning in built.graph.warnings():
         err.write(f"recorun: warning: {config.file}: {warning}\n")
     if args.dump_graph:
@@ -172,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
         err.write(f"recorun: error: {exc}\n")
         return exc.exit_code
     report = result.report
-    if not args.quiet:
+    set_up_failed = report["events"]["read"] == 0 and result.exit_code != EXIT_OK
+    if not args.quiet and not set_up_failed:
         print(trig_report(report))
         print()
         print(time_report(report))
-        for text in hook().recorun_text_report(report=report):
-            if text:
-                print()
-                print(text)
+        for text in text_reports(report):
+            print()
+            print(text)
     if args.report_json:
         write_json(args.report_json, report)
     if args.resources_json:
@@ -201,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     elif failures:
         err.write(f"recorun: {len(failures)} failed events (-v lists them, and "
                   f"--report-json keeps them)\n")
+    if not args.quiet:
+        for line in report.get("advice") or []:
+            err.write(f"recorun: advice: {line}\n")
     if report["not_processed"]:
         err.write(f"recorun: stopped ({report['stop_reason']}): {report['not_processed']}\n")
     if not args.quiet:

@@ -2,8 +2,8 @@
 
 A workflow is a mapping with these keys (only ``source`` and ``modules`` are required)::
 
-    process:   {name, threads, streams, max_events, on_error: stop|skip_event,
-                watchdog_s, report_every_s, synchronous}
+    process:   {name, threads, streams, processes, native_threads, max_events,
+                on_error: stop|skip_event, watchdog_s, report_every_s, synchronous}
     source:    {type: EmptySource, <parameters>}
     services:  {label: {type: ..., <parameters>}}
     modules:   {label: {type: ..., [select_events: [path, ...]], <parameters>}}
@@ -34,6 +34,9 @@ class ProcessOptions:
     name: str = "RECO"
     threads: int = 1
     streams: int | None = None          # default: as many as threads
+    processes: int = 1                  # worker processes of this node (a chunked job if > 1)
+    native_threads: int = 1             # threads a numerical library (BLAS, OpenMP) may use per
+                                        # call; 0: the library's own default
     max_events: int | None = None
     on_error: str = "stop"
     watchdog_s: float = 300.0           # warn about a module call running longer (0: off)
@@ -46,6 +49,7 @@ class ProcessOptions:
 
 
 PROCESS_TYPES = {"name": (str,), "threads": (int,), "streams": (int, type(None)),
+                 "processes": (int,), "native_threads": (int,),
                  "max_events": (int, type(None)), "on_error": (str,),
                  "watchdog_s": (int, float), "report_every_s": (int, float),
                  "synchronous": (bool,)}
@@ -182,12 +186,17 @@ def parse_workflow(raw: dict, file: str) -> WorkflowConfig:
             raise ConfigError(f"process.{key}: expected {names}, got {type(value).__name__} "
                               f"{value!r}", file=file)
     process = ProcessOptions(**process_raw)
-    if process.threads < 1 or process.streams < 1:
-        raise ConfigError(f"process.threads and process.streams must be at least 1 "
-                          f"(got {process.threads} and {process.streams})", file=file)
-    if process.synchronous and (process.threads, process.streams) != (1, 1):
-        raise ConfigError(f"process.synchronous needs threads: 1 and streams: 1 (got "
-                          f"{process.threads} and {process.streams})", file=file)
+    if process.threads < 1 or process.streams < 1 or process.processes < 1:
+        raise ConfigError(f"process.threads, process.streams and process.processes must be at "
+                          f"least 1 (got {process.threads}, {process.streams} and "
+                          f"{process.processes})", file=file)
+    if process.synchronous and (process.threads, process.streams, process.processes) != (1, 1, 1):
+        raise ConfigError(f"process.synchronous needs threads: 1, streams: 1 and processes: 1 "
+                          f"(got {process.threads}, {process.streams} and "
+                          f"{process.processes})", file=file)
+    if process.native_threads < 0:
+        raise ConfigError(f"process.native_threads must be >= 0 (0: the libraries' own "
+                          f"default), got {process.native_threads}", file=file)
     if process.max_events is not None and process.max_events < 0:
         raise ConfigError(f"process.max_events must be >= 0, got {process.max_events}", file=file)
     if process.on_error not in ("stop", "skip_event"):

@@ -48,3 +48,15 @@ def require(package: str, install: str, user: str):
     installed. ``user`` says who needs it ("module 'jets' (AntiKtJetProducer)")."""
     check({package: install}, user)
     return importlib.import_module(package)
+
+
+def missing_message(missing: list[tuple[str, str, str]]) -> str:
+    """One message for every ``(user, package, install)`` that is missing, with one
+    ``pip install`` line for all of recorun's extras among them."""
+    lines = [f"{user} needs the Python package '{package}', which is not installed"
+             for user, package, install in missing]
+    extras = sorted({install[len("recorun["):-1] for _, _, install in missing
+                     if install.startswith("recorun[") and install.endswith("]")})
+    others = sorted({install for _, _, install in missing if not install.startswith("recorun[")})
+    installs = ([f"'recorun[{','.join(extras)}]'"] if extras else []) + [f"'{o}'" for o in others]
+    return "; ".join(lines) + ": pip install " + " ".join(installs)

@@ -7,6 +7,7 @@ error naming it.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from importlib.metadata import entry_points
 
@@ -16,6 +17,7 @@ from . import hookspecs
 from .errors import ConfigError
 
 GROUP = "recorun.plugins"
+LOG = logging.getLogger("recorun")
 
 _manager: pluggy.PluginManager | None = None
 _lock = threading.Lock()
@@ -67,6 +69,34 @@ def merged(results) -> dict:
     return out
 
 
+def _each(hook_name: str, **kwargs):
+    """``(plugin name, answer)`` of every implementation of a report hook, called one by one:
+    a plugin that raises is named in a warning and left out, so that the job's report (its
+    events long processed) is still written."""
+    caller = getattr(hook(), hook_name)
+    for impl in reversed(caller.get_hookimpls()):
+        try:
+            yield impl.plugin_name, impl.function(**{k: kwargs[k] for k in impl.argnames})
+        except Exception as exc:
+            LOG.warning("recorun: warning: plugin %s failed in %s and is left out of the "
+                        "report: %s: %s", impl.plugin_name, hook_name, type(exc).__name__, exc)
+
+
 def report_sections(report: dict, options=None) -> dict:
-    """Every plugin's sections for a finished job ``report`` (see the hookspec)."""
-    return merged(hook().recorun_report_sections(report=report, options=options))
+    """Every plugin's sections for a finished job ``report`` (see the hookspec). A section
+    may not replace what the report has (``events``, ``modules``...): such a one is left out
+    with a warning, as is a plugin that raises."""
+    sections: dict = {}
+    for plugin, answer in _each("recorun_report_sections", report=report, options=options):
+        for name, value in (answer or {}).items():
+            if name in report or name in sections:
+                LOG.warning("recorun: warning: plugin %s's report section '%s' is left out: "
+                            "the report already has '%s'", plugin, name, name)
+                continue
+            sections[name] = value
+    return sections
+
+
+def text_reports(report: dict) -> list[str]:
+    """Every plugin's text for the end of the job (``recorun_text_report``)."""
+    return [text for _, text in _each("recorun_text_report", report=report) if text]

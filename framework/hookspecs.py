@@ -53,6 +53,7 @@ method                                 when, and what it may do
 ``Source.open(max_events)``            once, before the first event
 ``Source.next_event(index)``           from one thread at a time: the next Event or None
 ``Source.total_events()``              after open: the events this job will read, if known
+``Source.planned_events(max_events)``  before open: how many events the job will read
 ``Source.chunks(max_events, size)``    asked by a chunked executor: the input cut into
                                        :class:`~recorun.framework.source.SourceChunk` pieces
 ``Source.close()``, ``summary()``      at the end; summary() goes into the report
@@ -64,7 +65,14 @@ Hooks (pluggy)
 A plugin is a module (or object) registered under ``recorun.plugins`` whose functions are
 marked ``@recorun.hookimpl`` and named after the hooks below; it implements any of them. They
 are called by the command line and at the end of every job; pluggy checks their signatures
-when recorun loads them.
+when recorun loads them. A plugin that does not import stops every ``recorun`` command with
+exit code 2, naming it.
+
+The job report a report hook gets is the ``--report-json`` dictionary (README, "The report
+JSON": ``events``, ``paths``, ``modules`` with each module's ``details``, ``services``...). A
+section may not take a name the report already has (it is left out with a warning), and a
+report hook that raises is left out with a warning naming the plugin: the report of a job
+whose events are processed is always written.
 """
 from __future__ import annotations
 
@@ -97,6 +105,15 @@ def recorun_workflow_overrides(options) -> list[str] | None:
 def recorun_executors() -> dict | None:
     """Executors this plugin provides for ``recorun --executor NAME``: ``{name: class}``, each a
     :class:`~recorun.framework.executors.JobExecutor` subclass."""
+
+
+@hookspec
+def recorun_node_setup(built, stack, say) -> dict | None:
+    """Called once by a chunked executor on the node that starts local workers, before they
+    start: set up what they should share (a SONIC workflow's fallback server) and return
+    environment variables the workers get (``{name: value}``). Register the teardown on
+    ``stack`` (a :class:`contextlib.ExitStack`, closed when the job ends, also on failure);
+    ``say(text)`` tells the user."""
 
 
 @hookspec

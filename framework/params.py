@@ -13,6 +13,7 @@ names, missing required values and wrong types are configuration errors naming t
 from __future__ import annotations
 
 import copy
+import re
 import types
 import typing
 from typing import Any, ClassVar
@@ -20,6 +21,8 @@ from typing import Any, ClassVar
 from .event import canonical_tag
 
 REQUIRED = object()
+#: numbers in exponent notation without a dot, which PyYAML (YAML 1.1) leaves as strings
+_YAML_1_1_MISSES_IT = re.compile(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+")
 
 
 class ParamError(ValueError):
@@ -70,6 +73,8 @@ def _check(value: Any, t, where: str = "") -> Any:
         return value
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if t is float and isinstance(value, str) and _YAML_1_1_MISSES_IT.fullmatch(value.strip()):
+        return float(value)                  # 5e2, 1E-3: YAML 1.1 reads these as strings
     if t is int and isinstance(value, bool):
         raise TypeError(f"{_at(where)}expected int, got bool {value!r}")
     if not isinstance(value, t):
@@ -201,6 +206,11 @@ class Configurable:
     workflow's first event."""
 
     requires: ClassVar[dict[str, str]] = {}
+
+    def requirements(self) -> dict[str, str]:
+        """What this configured instance needs beyond the core (default: ``requires``); a
+        type whose needs depend on its parameters or services overrides it."""
+        return dict(self.requires)
 
     def __init__(self, **params: Any):
         for name, value in resolve_params(type(self), params).items():

@@ -34,7 +34,10 @@ class ThreadPool:
             self._queue.put((fn, args))
 
     def run(self, start, finished: threading.Event) -> None:
-        """Run ``start()`` as the first task, work until ``finished`` is set, then stop."""
+        """Run ``start()`` as the first task, work until ``finished`` is set, then stop (the
+        pool can run again)."""
+        self._stopping.clear()
+        self._threads = []
         for i in range(1, self.threads):
             t = threading.Thread(target=self._work, args=(finished,), name=f"recorun-{i}",
                                  daemon=True)
@@ -122,6 +125,12 @@ class OrderedQueue:
         self._pending: dict[int, tuple | None] = {}
         self._next = 0
         self._busy = False
+
+    def restart(self) -> None:
+        """Keys start from 0 again (a new run over another source); nothing may be pending."""
+        with self._lock:
+            self._pending.clear()
+            self._next = 0
 
     def push(self, key: int, fn, *args) -> None:
         with self._lock:

@@ -20,8 +20,9 @@ from .errors import (EXIT_CONFIG, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_MODULE, EXI
                      ConfigError, InputError, ModuleError)
 from .module import OutputModule
 from .monitor import InFlight, Monitor
+from .native_threads import limited
 from .hooks import report_sections
-from .reports import summarize
+from .reports import summarize, thread_advice
 from .scheduler import Scheduler
 from .trace import Tracer
 
@@ -72,35 +73,41 @@ class _Interrupts:
         self.scheduler.stop("interrupted")
 
 
-def _begin_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> None:
+def begin_module(worker, module, method: str = "begin_job") -> None:
+    """Call ``begin_job`` (or ``post_begin_job``) of one module instance, its errors given the
+    module's context: a ConfigError stays one (exit 2), anything else is a ModuleError."""
+    try:
+        getattr(module, method)()
+    except ConfigError as exc:       # the module found its configuration wrong: exit 2
+        exc.label = exc.label or worker.label
+        raise
+    except Exception as exc:
+        raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
+                          label=worker.label, method=method) from exc
+
+
+def begin_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list, *,
+              skip: frozenset = frozenset(), open_source: bool = True) -> None:
+    """Every service's begin_job, the source opened, every module instance's begin_job then
+    post_begin_job, every service's job_started; what began is appended to ``begun``. Modules
+    whose label is in ``skip`` are left alone (a chunked job begins its outputs per chunk)."""
     for service in built.services.values():
         service.begin_job()
         begun.append(service)
-    built.source.open(built.config.process.max_events)
-    for worker, module in scheduler.all_instances():
-        try:
-            module.begin_job()
-        except ConfigError as exc:       # the module found its configuration wrong: exit 2
-            exc.label = exc.label or worker.label
-            raise
-        except Exception as exc:
-            raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
-                              label=worker.label, method="begin_job") from exc
+    if open_source:
+        built.source.open(built.config.process.max_events)
+    instances = [(w, m) for w, m in scheduler.all_instances() if w.label not in skip]
+    for worker, module in instances:
+        begin_module(worker, module)
         begun.append(module)
-    for worker, module in scheduler.all_instances():
-        try:
-            module.post_begin_job()
-        except ConfigError as exc:
-            exc.label = exc.label or worker.label
-            raise
-        except Exception as exc:
-            raise ModuleError(exc, event_id="(none)", stream=-1, module_type=worker.type_name,
-                              label=worker.label, method="post_begin_job") from exc
+    for worker, module in instances:
+        begin_module(worker, module, "post_begin_job")
     for service in built.services.values():
         service.job_started(scheduler)
 
 
-def _end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> list[ModuleError]:
+def end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list, *,
+            close_source: bool = True) -> list[ModuleError]:
     """Call end_job on everything that began, in reverse order; collect the errors."""
     errors = []
     labels = {id(m): w for w, m in scheduler.all_instances()}
@@ -113,16 +120,30 @@ def _end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list) -> list[Mo
                 exc, event_id="(none)", stream=-1,
                 module_type=worker.type_name if worker else type(thing).__name__,
                 label=worker.label if worker else type(thing).__name__, method="end_job"))
-    try:
-        built.source.close()
-    except Exception as exc:
-        errors.append(ModuleError(exc, event_id="(none)", stream=-1,
-                                  module_type=type(built.source).__name__, label="source",
-                                  method="close"))
+    if close_source:
+        errors += close_source_of(built.source)
     return errors
 
 
-def _not_processed(scheduler: Scheduler, source) -> str | None:
+def close_source_of(source) -> list[ModuleError]:
+    try:
+        source.close()
+    except Exception as exc:
+        return [ModuleError(exc, event_id="(none)", stream=-1, module_type=type(source).__name__,
+                            label="source", method="close")]
+    return []
+
+
+def exit_code_of(stop_reason: str | None, error: BaseException | None) -> int:
+    """A run's exit code: from what stopped it, else from its error, else 0."""
+    if stop_reason in STOP_EXIT_CODES:
+        return STOP_EXIT_CODES[stop_reason]
+    if error is not None:
+        return getattr(error, "exit_code", 1)
+    return EXIT_OK
+
+
+def not_processed(scheduler: Scheduler, source) -> str | None:
     status = scheduler.status
     if status.stop_reason is None:
         return None
@@ -151,6 +172,26 @@ def _wait_until(start_at: float, scheduler: Scheduler, out, quiet: bool) -> None
         time.sleep(min(0.05, max(0.0, start_at - time.time())))
 
 
+def _run_events(built: BuiltWorkflow, scheduler: Scheduler, out, quiet: bool, inflight,
+                start_at: float | None):
+    """The event loop, with its monitor, its signal handlers and the numerical libraries'
+    threads limited (:mod:`recorun.framework.native_threads`); the error that stopped it."""
+    process = built.config.process
+    monitor = Monitor(scheduler.status, total=built.source.total_events(),
+                      report_every_s=process.report_every_s,
+                      watchdog_s=process.watchdog_s, inflight=inflight, stream=out,
+                      quiet=quiet)
+    monitor.start()
+    try:
+        with _Interrupts(scheduler, out), limited(process.native_threads):
+            if start_at is not None:
+                _wait_until(start_at, scheduler, out, quiet)
+            scheduler.run()
+    finally:
+        monitor.stop()
+    return scheduler.status.stop_error
+
+
 def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
             out=None, start_at: float | None = None, options=None) -> JobResult:
     """Run the job; its report gets the plugins' sections (``recorun_report_sections``, given
@@ -164,40 +205,23 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
     begun: list = []
     error: BaseException | None = None
     try:
-        _begin_job(built, scheduler, begun)
+        begin_job(built, scheduler, begun)
     except (ConfigError, ModuleError, InputError) as exc:
         error = exc
         scheduler.stop(next(r for kind, r in STOP_REASONS if isinstance(exc, kind)), exc)
     if error is None:
-        monitor = Monitor(scheduler.status, total=built.source.total_events(),
-                          report_every_s=process.report_every_s,
-                          watchdog_s=process.watchdog_s, inflight=inflight, stream=out,
-                          quiet=quiet)
-        monitor.start()
-        try:
-            with _Interrupts(scheduler, out):
-                if start_at is not None:
-                    _wait_until(start_at, scheduler, out, quiet)
-                scheduler.run()
-        finally:
-            monitor.stop()
-        error = scheduler.status.stop_error
+        error = _run_events(built, scheduler, out, quiet, inflight, start_at)
     complete = scheduler.status.stop_reason is None and begun and error is None
     for _, module in scheduler.all_instances():
         if isinstance(module, OutputModule):
             module.job_complete = bool(complete)
-    end_errors = _end_job(built, scheduler, begun)
+    end_errors = end_job(built, scheduler, begun)
     if error is None and end_errors:
         error = end_errors[0]
-    reason = scheduler.status.stop_reason
-    if reason in STOP_EXIT_CODES:
-        exit_code = STOP_EXIT_CODES[reason]
-    elif error is not None:
-        exit_code = getattr(error, "exit_code", 1)
-    else:
-        exit_code = EXIT_OK
+    exit_code = exit_code_of(scheduler.status.stop_reason, error)
     report = summarize(scheduler, workflow=built.config.file, exit_code=exit_code,
-                       not_processed=_not_processed(scheduler, built.source))
+                       not_processed=not_processed(scheduler, built.source))
+    report["advice"] = thread_advice(report)
     report.update(report_sections(report, options))
     return JobResult(exit_code, report, scheduler, tracer, error)
 

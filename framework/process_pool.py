@@ -19,8 +19,12 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+
+from .chunked_run import WorkerPool, temporary_environment
+from .native_threads import environment
 
 PR_SET_PDEATHSIG = 1                    # prctl(2): signal me when my parent dies
 
@@ -60,6 +64,8 @@ def _worker_main(conn: Connection, task: dict) -> None:
     except WorkerStartError as exc:
         conn.send(("start_failed", exc.as_dict()))
         return
+    if interrupts:                                      # stopped while it set up
+        worker.interrupt()
     conn.send(("ready", worker.where))
     while True:
         try:
@@ -83,73 +89,83 @@ class Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
     where: str = ""
-    chunk: object = None                 # the ChunkState it is running, or None (idle)
-    attempt: str = ""
+    state: object = None                 # the ChunkState it runs, or None (idle)
     alive: bool = True
     report: dict | None = None           # its process report, once finished
-    started_s: float = 0.0
-    history: list = field(default_factory=list)
 
 
-class ProcessPool:
-    """``workers`` worker processes running one chunked job's ``task`` (the workflow mapping,
-    its file and the outputs' part folders: see :class:`~recorun.framework.chunked.ChunkWorker`)."""
+class ProcessPool(WorkerPool):
+    """``size`` worker processes of this node (see the module docstring)."""
 
     kind = "processes"
 
-    def __init__(self, workers: int, task: dict):
-        self.size = workers
-        self.task = task
+    def __init__(self, size: int):
+        self.size = size
         self.workers: list[Worker] = []
+        self.queue: deque = deque()          # (state, attempt) waiting for an idle worker
 
-    def start(self) -> list[dict]:
-        """Start every worker and wait until each has built the workflow; the start failures
-        (``[]`` when all are ready)."""
-        began = time.monotonic()
+    def start(self, task: dict) -> list[dict]:
+        limit = task["workflow"].get("process", {}).get("native_threads", 1)
+        with temporary_environment({k: v for k, v in environment(limit).items()
+                           if k not in os.environ}):          # what a user set stays
+            self._spawn(task)
+        return self._ready()
+
+    def _spawn(self, task: dict) -> None:
         for i in range(self.size):
             ours, theirs = SPAWN.Pipe()
-            process = SPAWN.Process(target=_worker_main, args=(theirs, self.task),
-                                    name=f"recorun-worker-{i}", daemon=False)
+            process = SPAWN.Process(target=_worker_main, args=(theirs, task),
+                                    name=f"recorun-worker-{i}")
             process.start()
             theirs.close()
             self.workers.append(Worker(i, process, ours))
+
+    def _ready(self) -> list[dict]:
         failures = []
         for worker in self.workers:
             try:
                 kind, payload = worker.conn.recv()
             except (EOFError, OSError):
                 worker.process.join(5)
-                failures.append({"error": f"worker process {worker.process.pid} died while "
-                                          f"building the workflow (exit code "
-                                          f"{worker.process.exitcode})", "exit_code": 1})
-                worker.alive = False
-                continue
+                kind, payload = "start_failed", {
+                    "error": f"worker process {worker.process.pid} died while it built the "
+                             f"workflow (exit code {worker.process.exitcode})", "exit_code": 1,
+                    "worker": f"pid {worker.process.pid}"}
             if kind == "ready":
                 worker.where = payload
-                worker.started_s = time.monotonic() - began
             else:
                 failures.append(payload)
                 worker.alive = False
         return failures
 
-    def idle(self) -> list[Worker]:
-        return [w for w in self.workers if w.alive and w.chunk is None]
+    def submit(self, state, attempt: str) -> None:
+        self.queue.append((state, attempt))
+        self._dispatch()
 
-    def busy(self) -> list[Worker]:
-        return [w for w in self.workers if w.alive and w.chunk is not None]
-
-    def send(self, worker: Worker, state, attempt: str) -> None:
-        worker.chunk, worker.attempt = state, attempt
-        worker.conn.send(("chunk", state.chunk, attempt))
+    def _dispatch(self) -> None:
+        for worker in self.workers:
+            if not self.queue:
+                return
+            if worker.alive and worker.state is None:
+                state, attempt = self.queue.popleft()
+                state.status = "running"
+                worker.state = state
+                try:
+                    worker.conn.send(("chunk", state.chunk, attempt))
+                except (BrokenPipeError, OSError):
+                    worker.state = None
+                    self.queue.appendleft((state, attempt))
+                    worker.alive = False
 
     def poll(self, timeout: float) -> list[tuple]:
-        """What happened within ``timeout`` seconds: ``("chunk", worker, result)`` for a chunk
-        done and ``("died", worker, state)`` for a worker that died (with the chunk it had)."""
         alive = [w for w in self.workers if w.alive]
+        events: list[tuple] = []
         if not alive:
-            return []
+            while self.queue:
+                state, _ = self.queue.popleft()
+                events.append(("lost", state, "no worker process is left"))
+            return events
         ready = wait([w.conn for w in alive] + [w.process.sentinel for w in alive], timeout)
-        events = []
         for worker in alive:
             if worker.conn in ready:
                 try:
@@ -157,31 +173,34 @@ class ProcessPool:
                 except (EOFError, OSError):
                     kind, payload = "eof", None
                 if kind == "chunk":
-                    state, worker.chunk = worker.chunk, None
-                    worker.history.append(state.chunk.id)
-                    events.append(("chunk", worker, state, payload))
+                    state, worker.state = worker.state, None
+                    events.append(("done", state, payload))
                     continue
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 worker.process.join(1)
                 if worker.process.is_alive():
                     continue
                 worker.alive = False
-                state, worker.chunk = worker.chunk, None
-                events.append(("died", worker, state, worker.process.exitcode))
+                state, worker.state = worker.state, None
+                if state is not None:
+                    events.append(("lost", state, f"worker process {worker.process.pid} "
+                                                  f"({worker.where}) died (exit code "
+                                                  f"{worker.process.exitcode})"))
+        self._dispatch()
         return events
 
-    def interrupt(self, signum: int = signal.SIGINT) -> None:
-        """Pass a stop on to every worker: they finish the events in flight."""
+    def interrupt(self) -> list:
+        withdrawn = [state for state, _ in self.queue]
+        self.queue.clear()
         for worker in self.workers:
             if worker.alive and worker.process.pid:
                 try:
-                    os.kill(worker.process.pid, signum)
+                    os.kill(worker.process.pid, signal.SIGINT)
                 except ProcessLookupError:
                     pass
+        return withdrawn
 
-    def finish(self, timeout_s: float = 120.0) -> list[dict]:
-        """Tell every live worker to end its job (end_job once) and collect the process
-        reports; a worker that does not answer in time is killed."""
+    def finish(self, timeout_s: float = 300.0) -> list[dict]:
         for worker in self.workers:
             if worker.alive:
                 try:
@@ -190,10 +209,7 @@ class ProcessPool:
                     worker.alive = False
         deadline = time.monotonic() + timeout_s
         for worker in self.workers:
-            if not worker.alive:
-                continue
-            left = max(deadline - time.monotonic(), 0.1)
-            if worker.conn.poll(left):
+            if worker.alive and worker.conn.poll(max(deadline - time.monotonic(), 0.1)):
                 try:
                     kind, payload = worker.conn.recv()
                     if kind == "finished":
@@ -205,10 +221,12 @@ class ProcessPool:
         return [w.report for w in self.workers if w.report is not None]
 
     def close(self) -> None:
-        """Kill whatever is still running (an abort, or a worker that hung)."""
         for worker in self.workers:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(10)
             worker.alive = False
             worker.conn.close()
+
+    def section(self) -> dict:
+        return {"executor": "processes", "workers": self.size}

@@ -39,8 +39,13 @@ def load(kind: str, name: str):
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
+            hint = ""
+            if isinstance(exc, ModuleNotFoundError) and exc.name == module_name.split(".")[0]:
+                hint = (f" (a module of your own? its folder must be on PYTHONPATH, e.g. "
+                        f"PYTHONPATH=. recorun ... from the folder that holds "
+                        f"{module_name.split('.')[0]}.py)")
             raise PluginNotFound(f"cannot import '{module_name}' for {kind} type '{name}': "
-                                 f"{type(exc).__name__}: {exc}")
+                                 f"{type(exc).__name__}: {exc}{hint}")
         try:
             return getattr(module, attr)
         except AttributeError:

@@ -22,7 +22,7 @@ def _mean(total_ns: int, count: int) -> float:
     return total_ns / NS_PER_MS / count if count else 0.0
 
 
-def _module_entry(worker, visited: int, instances) -> dict:
+def _module_entry(worker, visited: int, instances, details: bool = True) -> dict:
     s = merge(worker.stats)
     entry = {"type": worker.type_name, "kind": worker.kind, "runs": s.runs,
              "visited": visited, "passed": s.passed, "rejected": s.rejected,
@@ -36,7 +36,7 @@ def _module_entry(worker, visited: int, instances) -> dict:
                      external_ms_mean=_mean(s.external_ns, s.runs),
                      produce_ms_mean=_mean(s.produce_real_ns, s.runs),
                      produce_cpu_ms_mean=_mean(s.produce_cpu_ns, s.runs))
-    details = [d for d in (module.report() for module in instances) if d]
+    details = [d for d in (module.report() for module in instances) if d] if details else []
     if details:
         entry["details"] = details[0] if len(details) == 1 else details
     return entry
@@ -51,10 +51,20 @@ def _path_entry(seq) -> dict:
                          "errors": s.module_errors[i]} for i, w in enumerate(seq.workers)]}
 
 
-def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | None) -> dict:
+def cpu_efficiency(cpu_s: float, wall_s: float, threads: int) -> float:
+    """The share of the job's threads that the process kept busy: CPU time over wall time x
+    threads (1.0: every thread computing all the time)."""
+    return cpu_s / (max(wall_s, 1e-9) * max(threads, 1))
+
+
+def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | None,
+              details: bool = True) -> dict:
+    """The job report of ``scheduler``'s run; ``details``: ask the modules for theirs (after
+    their end_job)."""
     status = scheduler.status
     options = scheduler.options
     wall = max(status.finished - status.started, 1e-9)
+    cpu = max(status.cpu_finished - status.cpu_started, 0.0)
     paths = {seq.name: _path_entry(seq) for seq in scheduler.paths}
     endpaths = {seq.name: _path_entry(seq) for seq in scheduler.endpaths}
     visited = dict.fromkeys(scheduler.workers, 0)     # times a path reached each module
@@ -70,10 +80,10 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "stop_reason": status.stop_reason,
         "not_processed": not_processed,
         "exit_code": exit_code,
-        "source": scheduler.built.source.summary(),
+        "source": scheduler.source.summary(),
         "paths": paths,
         "endpaths": endpaths,
-        "modules": {label: _module_entry(w, visited[label], w.copies)
+        "modules": {label: _module_entry(w, visited[label], w.copies, details)
                     for label, w in scheduler.workers.items()},
         "services": {label: section for label, service in scheduler.built.services.items()
                      if (section := service.report())},
@@ -81,6 +91,8 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "throughput_hz": status.done / wall,
         "threads": options.threads,
         "streams": options.streams,
+        "cpu_s": cpu,
+        "cpu_efficiency": cpu_efficiency(cpu, wall, options.threads),
     }
 
 
@@ -123,10 +135,39 @@ def time_report(report: dict) -> str:
                else f"{'-':>10} {'-':>10} {'-':>10}")
         lines.append(f"TimeReport {m['runs']:>8} {m['real_ms_mean']:>10.3f} "
                      f"{m['cpu_ms_mean']:>10.3f} {ext}  {label}")
+    processes = report.get("processes", 1)
     lines.append(f"TimeReport wall {report['wall_s']:.3f} s, "
                  f"{report['throughput_hz']:.1f} events/s, threads {report['threads']}, "
-                 f"streams {report['streams']}")
+                 f"streams {report['streams']}"
+                 + (f", processes {processes}" if processes > 1 else ""))
+    if "cpu_efficiency" in report:
+        lines.append(f"TimeReport CPU {report['cpu_s']:.2f} s, CPU efficiency "
+                     f"{report['cpu_efficiency']:.2f} (CPU time / (wall x threads"
+                     + (" x processes" if processes > 1 else "") + "))")
     return "\n".join(lines)
+
+
+#: below this CPU efficiency with several threads, a job is told about --processes
+LOW_EFFICIENCY = 0.6
+
+
+def thread_advice(report: dict) -> list[str]:
+    """What to change when the threads of a job wait more than they work: with several
+    threads and a low CPU efficiency, the modules that took the most CPU time (Python code
+    holds the GIL while it runs; FastJet's bindings do, numpy's heavy calls do not) and the
+    suggestion to run processes instead."""
+    threads, efficiency = report.get("threads", 1), report.get("cpu_efficiency")
+    if threads < 2 or efficiency is None or efficiency >= LOW_EFFICIENCY:
+        return []
+    modules = sorted(((m["cpu_ms_total"], label) for label, m in report["modules"].items()),
+                     reverse=True)
+    total = sum(cpu for cpu, _ in modules) or 1.0
+    top = ", ".join(f"{label} {100 * cpu / total:.0f} %" for cpu, label in modules[:3] if cpu)
+    return [f"CPU efficiency {efficiency:.2f} with {threads} threads: the threads mostly wait "
+            f"for each other. The modules with the most CPU time ({top}) hold Python's GIL "
+            f"while their Python code runs, so they take turns. Threads pay for ExternalWork "
+            f"and GIL-releasing code; for CPU-bound Python run processes instead: "
+            f"--processes {threads} -j 1 (docs/PERFORMANCE.md)"]
 
 
 def resources_json(report: dict) -> dict:

@@ -141,6 +141,8 @@ class JobStatus:
     stop_error: BaseException | None = None
     started: float = 0.0
     finished: float = 0.0
+    cpu_started: float = 0.0           # the process's CPU time (every thread), seconds
+    cpu_finished: float = 0.0
 
     @property
     def done(self) -> int:
@@ -158,12 +160,9 @@ class Scheduler:
         self.pool = ThreadPool(self.options.threads)
         self.tracer = tracer
         self.inflight = inflight
-        self.status = JobStatus()
         self.lock = threading.Lock()
-        self.finished = threading.Event()
-        self.source_queue = SerialQueue(self.pool)
-        self._next_index = 0
-        self._active_streams = self.streams
+        self.source = built.source
+        self._new_run()
         self.workers: dict[str, Worker] = {}
         self._make_workers()
         self.ordered = [w for w in self.workers.values() if isinstance(w.queue, OrderedQueue)]
@@ -200,17 +199,47 @@ class Scheduler:
             worker.upstream = sorted((self.workers[a] for a in ancestors if a in self.workers),
                                      key=lambda w: w.index)
 
+    def _new_run(self) -> None:
+        """The state of one run over a source (the job's, or one chunk's)."""
+        self.status = JobStatus()
+        self.finished = threading.Event()
+        self.source_queue = SerialQueue(self.pool)
+        self._next_index = 0
+        self._active_streams = self.streams
+
+    def reset_stats(self) -> None:
+        """Zero every module's and path's counters (a chunked job's worker reports each chunk's
+        own figures)."""
+        for worker in self.workers.values():
+            worker.stats = [ModuleStats() for _ in range(self.streams)]
+        for seq in (*self.paths, *self.endpaths):
+            seq.stats = [PathStats(len(seq.workers)) for _ in range(self.streams)]
+
     def all_instances(self):
         for worker in self.workers.values():
             for module in worker.copies:
                 yield worker, module
 
     # -- the job ---------------------------------------------------------------------------
+    def prepare(self, source) -> None:
+        """Make the next :meth:`run` a new run over ``source`` (a chunk's) on the same modules:
+        the status starts afresh, events are numbered from 0, the counters go on adding up. An
+        interruption of the previous run carries over (nothing more is read)."""
+        interrupted = self.status.stop_reason == "interrupted"
+        self.source = source
+        self._new_run()
+        for worker in self.ordered:
+            worker.queue.restart()
+        if interrupted:
+            self.stop("interrupted")
+
     def run(self) -> JobStatus:
         """Process events until the source is exhausted or the job is stopped."""
         self.status.started = time.time()
+        self.status.cpu_started = time.process_time()
         self.pool.run(self._start_streams, self.finished)
         self.status.finished = time.time()
+        self.status.cpu_finished = time.process_time()
         if self.pool.fatal is not None:
             raise RuntimeError("internal error in the scheduler:\n"
                                + self.pool.fatal_traceback) from self.pool.fatal
@@ -232,12 +261,12 @@ class Scheduler:
         if self.status.stop_reason is None:
             index = self._next_index
             try:
-                event = self.built.source.next_event(index)
+                event = self.source.next_event(index)
             except InputError as exc:
                 self.stop("input error", exc)
             except Exception as exc:
                 self.stop("input error", InputError(
-                    f"source {type(self.built.source).__name__} failed reading event index "
+                    f"source {type(self.source).__name__} failed reading event index "
                     f"{index}: {type(exc).__name__}: {exc}"))
         if event is None:
             with self.lock:

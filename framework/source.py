@@ -87,6 +87,11 @@ class Source(Configurable):
     def close(self) -> None:
         """Called once after the last event."""
 
+    def planned_events(self, max_events: int | None) -> int | None:
+        """How many events a job limited to ``max_events`` would read, when known before
+        :meth:`open` (a chunked executor sizes its chunks by it)."""
+        return None
+
     def chunks(self, max_events: int | None, size: int) -> list[SourceChunk]:
         """This job's input (at most ``max_events`` events) cut into pieces of about ``size``
         events, in job order (see :class:`SourceChunk`). Called on a source that was built,
@@ -117,7 +122,10 @@ class EmptySource(Source):
     def total_events(self):
         return self._n
 
+    def planned_events(self, max_events):
+        return self.count if max_events is None else min(self.count, max_events)
+
     def chunks(self, max_events, size):
-        total = self.count if max_events is None else min(self.count, max_events)
+        total = self.planned_events(max_events)
         return [SourceChunk(i, a, b - a, {"count": b - a, "first_event": self.first_event + a})
                 for i, (a, b) in enumerate(split_entries(0, total, (), size))]

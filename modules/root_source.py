@@ -214,6 +214,7 @@ class RootSource(Source):
         self.skipped: list[dict] = []
         self.paths = self._expand(self.files)
         self._entries: dict[str, int] = {}
+        self._edges: dict[str, list[int]] = {}           # cluster edges, once asked (chunks)
         first = None
         for path in self.paths:
             try:
@@ -289,8 +290,7 @@ class RootSource(Source):
 
     # -- reading ----------------------------------------------------------------------------
     def total_events(self) -> int | None:
-        total = max(sum(self._entries.values()) - self.skip, 0)
-        return total if self._max is None else min(total, self._max)
+        return self.planned_events(self._max)
 
     def open(self, max_events):
         self._max = max_events
@@ -396,6 +396,10 @@ class RootSource(Source):
         self._numbered += 1
         return Event(event_id, index, {f"{self.label}:{k}": v for k, v in products.items()})
 
+    def planned_events(self, max_events):
+        total = max(sum(self._entries.values()) - self.skip, 0)
+        return total if max_events is None else min(total, max_events)
+
     def chunks(self, max_events, size):
         """The job's entries (after ``skip``, up to ``max_events``) cut into chunks of about
         ``size`` entries, each within one file, cut on the file's cluster boundaries
@@ -412,7 +416,9 @@ class RootSource(Source):
             to_skip -= start
             stop = entries if left is None else min(entries, start + left)
             if stop > start:
-                edges = _cluster_edges(path, self.tree_name)
+                if path not in self._edges:
+                    self._edges[path] = _cluster_edges(path, self.tree_name)
+                edges = self._edges[path]
                 for a, b in split_entries(start, stop, edges, size):
                     where = os.path.abspath(path)
                     found.append(SourceChunk(len(found), index, b - a, {

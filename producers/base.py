@@ -116,6 +116,20 @@ class SonicProducer(ExternalWorkProducer):
         self._outputs: dict[int, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
+    def requirements(self) -> dict[str, str]:
+        """In-process inference runs the model here; a model that no configured server
+        provides is served by a local fallback server: both need the ``server`` extra."""
+        needs = super().requirements()
+        server = {"torch": "recorun[server]"}
+        if self.client == "inprocess":
+            needs.update(server)
+            if self.backend == "onnxruntime":
+                needs.update({"onnxruntime": "recorun[server]", "onnx": "recorun[server]",
+                              "onnxscript": "recorun[server]"})
+        elif not any(getattr(s, "servers", None) for s in self.services.values()):
+            needs.update({**server, "pytriton": "recorun[server]"})      # the fallback server
+        return needs
+
     # hooks of the concrete producers ---------------------------------------------------------
     def input_shapes(self) -> dict[str, tuple[tuple[int, ...], Any]]:
         """``{input name: (shape per row, dtype)}`` that :meth:`pack` will send."""

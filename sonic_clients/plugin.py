@@ -1,10 +1,12 @@
-"""The SONIC report's hooks (:mod:`recorun.framework.hookspecs`): the ``sonic`` section of every
-job report and its SonicReport table (:mod:`recorun.sonic_clients.report`), ``--nominal``, and
-the subcommands ``recorun compare`` and ``recorun scale``."""
+"""SONIC's hooks (:mod:`recorun.framework.hookspecs`): the ``sonic`` section of every job report
+and its SonicReport table (:mod:`recorun.sonic_clients.report`), ``--nominal``, the
+subcommands ``recorun compare`` and ``recorun scale``, and one local fallback server for all
+the worker processes of a node (``--processes``, a local Dask cluster)."""
 from __future__ import annotations
 
 from recorun.framework.hookspecs import hookimpl
 
+from .base import ClientConfig, ClientConfigError
 from .report import Nominal, sonic_report, sonic_section
 
 
@@ -39,3 +41,29 @@ def recorun_subcommands() -> dict:
     from . import compare, scaling
 
     return {"compare": compare.main, "scale": scaling.main}
+
+
+@hookimpl
+def recorun_node_setup(built, stack, say) -> dict | None:
+    """The workflow's SONIC clients that would start a local fallback server: start one here,
+    for every worker process of this node, and tell them its address."""
+    from recorun.framework.errors import ConfigError
+
+    from .registry import find_registry
+
+    configs = [config for node in built.graph.nodes.values()
+               if isinstance(config := getattr(node.module, "client_config", None),
+                             ClientConfig)]
+    if not any(c.client == "triton" for c in configs):
+        return None
+    registry = find_registry(built.services)
+    try:
+        env = registry.share_fallback(configs)
+    except ClientConfigError as exc:
+        registry.end_job()
+        raise ConfigError(f"the node's fallback server: {exc}") from exc
+    stack.callback(registry.end_job)
+    if env:
+        say(f"one local fallback server for the workers of this node: "
+            f"{env['RECORUN_FALLBACK_MODELS']} at {env['RECORUN_FALLBACK_SERVER']}")
+    return env

@@ -121,6 +121,37 @@ class _FallbackLaunch:
         self.server.stop()
 
 
+#: a fallback server shared by the worker processes of a node, started by their driver:
+#: ``host:port`` and the models it serves (comma-separated); see :meth:`ServerRegistry.share_fallback`
+SHARED_FALLBACK_ADDRESS = "RECORUN_FALLBACK_SERVER"
+SHARED_FALLBACK_MODELS = "RECORUN_FALLBACK_MODELS"
+
+
+class _SharedLaunch:
+    """The node's fallback server, started by the job's driver: used, never started or stopped
+    here."""
+
+    server = None
+
+    def __init__(self, models: list[str], address: str):
+        self.models = list(models)
+        self.endpoint = Endpoint("fallback", address)
+        self.future: Future = Future()
+        self.future.set_running_or_notify_cancel()
+        self.future.set_result(self.endpoint)
+
+    def stop(self) -> None:
+        self.endpoint.close()
+
+
+def _shared_fallback() -> tuple[str, list[str]] | None:
+    import os
+
+    address = os.environ.get(SHARED_FALLBACK_ADDRESS)
+    models = [m for m in os.environ.get(SHARED_FALLBACK_MODELS, "").split(",") if m]
+    return (address, models) if address and models else None
+
+
 class FallbackEndpoint(Endpoint):
     """The fallback server as one client's endpoint: it starts the server (for every model
     asked for so far) on the first request and makes requests wait for it."""
@@ -134,7 +165,9 @@ class FallbackEndpoint(Endpoint):
     @property
     def address(self) -> str:
         launch = self._launch
-        if launch is not None and launch.server.grpc:
+        if launch is not None and launch.endpoint is not None:
+            return launch.endpoint.address
+        if launch is not None and launch.server is not None and launch.server.grpc:
             return launch.server.grpc
         return "local recorun-server, not started yet"
 
@@ -412,6 +445,11 @@ class ServerRegistry(Service):
             models = [m for m in self._fallback_models if m not in covered]
             if model not in models:
                 models.append(model)
+            shared = _shared_fallback()
+            if shared and model in shared[1]:
+                launch = _SharedLaunch([m for m in models if m in shared[1]], shared[0])
+                self._launches.append(launch)
+                return launch
             if self._launches:
                 LOG.warning("ServerRegistry: model '%s' was asked for after the fallback server "
                             "started; starting another one for %s", model, ", ".join(models))
@@ -433,9 +471,42 @@ class ServerRegistry(Service):
         return [launch.server for launch in dict.fromkeys(launches)]
 
     def fallback_servers(self) -> list:
-        """The FallbackServers of this job so far (started or starting)."""
+        """The FallbackServers this registry started so far (started or starting)."""
         with self._lock:
-            return [launch.server for launch in self._launches]
+            return [launch.server for launch in self._launches if launch.server is not None]
+
+    def share_fallback(self, configs: list[ClientConfig]) -> dict[str, str]:
+        """Start, in this process, the fallback server that the Triton clients ``configs``
+        would need (the models no configured server provides, when ``fallback`` is on) and
+        return the environment that makes the registries of worker processes use it instead
+        of starting their own (``{}`` when no model needs it). Stop it with :meth:`end_job`."""
+        self.begin_job()
+        models = []
+        for config in configs:
+            if config.client != "triton" or config.model in models:
+                continue
+            with self._lock:
+                endpoints = [ep for ep in self._endpoints if ep.live]
+            if not any(self._serves(ep, config) for ep in endpoints) and self.fallback:
+                models.append(config.model)
+        if not models:
+            return {}
+        from .fallback import check_server_installed
+
+        check_server_installed()
+        for model in models:
+            self._fallback_description(model, "")          # checks the model and options
+        with self._lock:
+            self._fallback_models.extend(m for m in models if m not in self._fallback_models)
+        (server,) = self.start_fallback(wait=True)
+        return {SHARED_FALLBACK_ADDRESS: server.grpc, SHARED_FALLBACK_MODELS: ",".join(models)}
+
+    def _serves(self, endpoint: Endpoint, config: ClientConfig) -> bool:
+        try:
+            endpoint.model_description(config.model, config.version, self.probe_timeout_s)
+        except ClientConfigError:
+            return False
+        return True
 
     def report(self) -> dict | None:
         """The job report's ``services`` entry: the servers, whether each was live, and the

@@ -492,9 +492,15 @@ class TritonClient(SonicClient):
     def _send_async(self, call: Call, index: int, arrays, route: _Route) -> None:
         if call.finished:                      # another chunk failed already
             return
-        route.endpoint.when_ready(
-            lambda error: self._send_async_now(call, index, arrays, route) if error is None
-            else call.fail(self._not_started(route, error)))
+        def go(error: BaseException | None) -> None:
+            try:
+                if error is None:
+                    self._send_async_now(call, index, arrays, route)
+                else:
+                    call.fail(self._not_started(route, error))
+            except Exception as exc:       # may run in a Future's callback, which would
+                call.fail(exc)             # swallow it: fail the call, never leave it hanging
+        route.endpoint.when_ready(go)
 
     def _send_async_now(self, call: Call, index: int, arrays, route: _Route) -> None:
         ep = route.endpoint

@@ -203,3 +203,30 @@ def test_a_child_that_stops_on_sigterm_exits_cleanly_and_stop_is_idempotent():
     assert child.read_line(30) == "READY"
     assert child.stop() == -signal.SIGTERM
     assert child.stop() == -signal.SIGTERM and not child.running
+
+
+class CarelessPlugin:
+    """A plugin whose section would replace the report's events, and one hook that raises."""
+
+    @hookimpl
+    def recorun_report_sections(self, report, options):
+        return {"events": "gone", "careful": True}
+
+    @hookimpl
+    def recorun_text_report(self, report):
+        raise RuntimeError("a bug in a plugin")
+
+
+def test_a_careless_plugin_cannot_spoil_or_lose_the_report(workflow_file, tmp_path, caplog):
+    manager = plugin_manager()
+    careless = CarelessPlugin()
+    manager.register(careless, name="test-careless")
+    try:
+        report_path = tmp_path / "report.json"
+        assert main([str(workflow_file), "--report-json", str(report_path)]) == 0
+    finally:
+        manager.unregister(careless)
+    report = json.loads(report_path.read_text())
+    assert report["events"]["read"] == 12 and report["careful"] is True
+    assert "plugin test-careless's report section 'events' is left out" in caplog.text
+    assert "plugin test-careless failed in recorun_text_report" in caplog.text

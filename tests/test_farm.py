@@ -174,8 +174,10 @@ def test_sonic_producer_without_servers_is_warned_about():
 
 
 def test_farm_options_need_the_dask_executor(capsys):
-    assert main([WORKFLOW, "--chunk-size", "10"]) == 2
-    assert "--chunk-size goes with --executor dask" in capsys.readouterr().err
+    assert main([WORKFLOW, "--local-workers", "2"]) == 2
+    assert "--local-workers goes with --executor dask" in capsys.readouterr().err
+    assert main([WORKFLOW, "--executor", "dask", "--processes", "2"]) == 2
+    assert "the dask executor has workers of its own" in capsys.readouterr().err
 
 
 class Layouts(Producer):
@@ -242,7 +244,9 @@ def test_farm_output_and_report_equal_a_single_process_run(cluster, reference, t
     captured = capsys.readouterr()
     assert code == 0, captured.err
     report = json.loads(report_json.read_text())
-    assert report["farm"]["chunks"] == report["farm"]["chunks_done"] == 4
+    chunked = report["chunked"]
+    assert chunked["executor"] == "dask" and chunked["chunks"] == chunked["chunks_done"] == 4
+    assert len(chunked["workers"]) == 2 and sum(w["chunks"] for w in chunked["workers"]) == 4
     assert report["exit_code"] == 0 and report["not_processed"] is None
     assert_same_file(out, reference[0])
     assert_same_counts(report, reference[1])
@@ -278,7 +282,7 @@ def test_a_killed_worker_loses_no_event(cluster, reference, tmp_path):
     driver.join(120)
     assert not driver.is_alive() and box["code"] == 0
     report = json.loads(report_json.read_text())
-    assert report["farm"]["chunks_done"] == 4 and report["events"]["read"] == 100
+    assert report["chunked"]["chunks_done"] == 4 and report["events"]["read"] == 100
     assert_same_file(out, reference[0])
     assert_same_counts(report, reference[1], paths=[p for p in reference[1]["paths"]])
     deadline = time.monotonic() + 60
@@ -287,7 +291,7 @@ def test_a_killed_worker_loses_no_event(cluster, reference, tmp_path):
     assert len(client.nthreads()) == 2 and victim not in client.nthreads()
 
 
-def test_a_chunk_failing_twice_is_listed_and_resubmit_completes_the_run(
+def test_a_failing_chunk_stops_the_farm_and_resubmit_completes_the_run(
         cluster, reference, tmp_path, capsys):
     event = int(uproot.open(SAMPLE)["Events"]["event"].array(library="np")[30])   # chunk 1
     record = tmp_path / "faults"
@@ -298,18 +302,18 @@ def test_a_chunk_failing_twice_is_listed_and_resubmit_completes_the_run(
                         str(report_json)))
     err = capsys.readouterr().err
     assert code == EXIT_MODULE, err
-    assert len(list(record.iterdir())) == 2                 # run, then retried once
+    assert len(list(record.iterdir())) == 1                 # a module error is not run again
     report = json.loads(report_json.read_text())
-    failed = report["farm"]["failed_chunks"]
-    assert [(f["chunk"], f["entries"], f["events"]) for f in failed] == [(1, [25, 50], 25)]
-    assert "injected fault" in failed[0]["error"] and failed[0]["exit_code"] == EXIT_MODULE
-    assert report["events"]["read"] == 75 and report["exit_code"] == EXIT_MODULE
-    assert "hlt_sample.root entries 25 to 49" in report["not_processed"]
-    assert "chunk 1" in err and "FAILED" in err and "entries 25 to 49" in err
-    assert not out.exists()
+    incomplete = {c["chunk"]: c for c in report["chunked"]["incomplete_chunks"]}
+    assert incomplete[1]["entries"] == [25, 50] and incomplete[1]["status"] == "failed"
+    assert "injected fault" in incomplete[1]["error"]
+    assert incomplete[1]["exit_code"] == EXIT_MODULE and report["exit_code"] == EXIT_MODULE
+    (failure,) = report["failed_events"]
+    assert failure["index"] == failure["entry"] == 30
+    assert "hlt_sample.root entries 31 to 49" in report["not_processed"]
+    assert "chunk 1" in err and "FAILED" in err and not out.exists()
     resubmission = Path(f"{report_json}.failed.json")
-    assert resubmission.is_file() and "--resubmit" in err
-    assert len(list(Path(f"{out}.parts").glob("chunk-*.root"))) == 3    # failed: .partial
+    assert resubmission.is_file() and "--executor dask --resubmit" in err
 
     report2_json = tmp_path / "farm2.json"
     code = main(on_farm(cluster, "--resubmit", str(resubmission), "--set",
@@ -317,8 +321,7 @@ def test_a_chunk_failing_twice_is_listed_and_resubmit_completes_the_run(
                         "-q"))
     assert code == 0, capsys.readouterr().err
     report = json.loads(report2_json.read_text())
-    assert report["farm"]["chunks_run"] == 1 and report["farm"]["chunks_done"] == 4
-    assert report["farm"]["submissions"] == 2
+    assert report["chunked"]["chunks_done"] == 4 and report["chunked"]["submissions"] == 2
     assert_same_file(out, reference[0])
     assert_same_counts(report, reference[1], paths=list(reference[1]["paths"]))
     assert not Path(f"{out}.parts").exists()

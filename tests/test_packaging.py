@@ -15,6 +15,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -96,8 +97,11 @@ def test_the_server_side_imports_without_the_engine():
 
 @pytest.mark.subprocess
 def test_a_wheel_holds_only_recorun_and_its_dist_info(tmp_path):
+    tree = tmp_path / "tree"                     # a copy: building writes build/ beside it
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "out", "results", "*.egg-info", "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(tmp_path), str(REPO)],
+                    "--no-build-isolation", "--wheel-dir", str(tmp_path), str(tree)],
                    check=True, capture_output=True, text=True, timeout=300)
     (wheel,) = tmp_path.glob("recorun-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -109,6 +113,18 @@ def test_a_wheel_holds_only_recorun_and_its_dist_info(tmp_path):
                      "recorun/deploy/nginx/grpc_balancer.conf.template"):
         assert expected in names, expected
     assert not [n for n in names if n.startswith(("recorun/tests", "recorun/docs"))]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+
+
+@pytest.mark.subprocess
+def test_the_workflows_and_deployment_files_import_as_packages():
+    """``import recorun.workflows`` (the README's way to find them) in the editable install
+    of this venv as in a wheel install."""
+    code = ("import recorun.workflows as w, recorun.deploy as d, os; "
+            "print(sorted(os.listdir(w.__path__[0]))); print(os.listdir(d.__path__[0]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd="/", check=True).stdout
+    assert "workflow_hlt.yaml" in out and "nginx" in out
 
 
 # -- a user's folder ------------------------------------------------------------------------------
@@ -291,3 +307,17 @@ def test_core_install_in_a_fresh_venv(tmp_path):
         run = subprocess.run([str(recorun), str(installed_workflows / name), "-n", "2"],
                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
         assert run.returncode == 2 and f"pip install '{extra}'" in run.stderr, run.stderr
+
+
+@pytest.mark.subprocess
+def test_every_missing_extra_is_named_at_once_and_check_finds_them(tmp_path):
+    """workflow_hlt.yaml needs FastJet (jets, rho) and the server stack (its FACILE producer
+    has no server configured: a local fallback server): one message, one pip line."""
+    run = run_without(tmp_path, "fastjet,torch,pytriton",
+                      str(REPO / "workflows" / "workflow_hlt.yaml"), "--check")
+    assert run.returncode == 2, run.stderr
+    assert "pip install 'recorun[jets,server]'" in run.stderr
+    assert "module 'rho' (JetMedianRhoProducer) needs the Python package 'fastjet'" in run.stderr
+    assert "module 'hcalRecHits' (FacileProducer) needs the Python package 'pytriton'" \
+        in run.stderr
+    assert "TrigReport" not in run.stdout

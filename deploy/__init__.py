@@ -1,0 +1,2 @@
+"""Server-side deployment files (nginx, Kubernetes, Prometheus, Grafana), installed with recorun:
+the nginx balancer renders ``nginx/grpc_balancer.conf.template`` at run time."""
