@@ -146,7 +146,8 @@ class DaskPool(WorkerPool):
                                                    max(self.threads, 1))
             with dask.config.set(DASK_CONFIG):
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1,
-                                            processes=True, dashboard_address=":0",
+                                            processes=True, host="127.0.0.1",
+                                            dashboard_address="127.0.0.1:0",
                                             silence_logs=level)
             self.client = Client(self.cluster)
         self.size = len(self.client.nthreads())
@@ -203,6 +204,9 @@ class DaskPool(WorkerPool):
         cluster, self.cluster = self.cluster, None
         if cluster is not None:
             cluster.close()
+
+    def describe(self) -> str:
+        return f"{self.size} Dask workers"
 
     def section(self) -> dict:
         return {"executor": "dask", "workers": self.size,

@@ -5,13 +5,14 @@ workflow file, the label and the parameter.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .config import PluginSpec, WorkflowConfig
 from .errors import ConfigError
 from .extras import installed, missing_message
 from .graph import ModuleGraph
-from .module import Module
+from .module import Module, OutputModule
 from .params import ParamError
 from .registry import PluginNotFound, load
 from .service import Service
@@ -74,7 +75,30 @@ def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
     for module in modules.values():
         module.services = services
     _check_requirements(config, source, services, modules)
+    _check_output_files(config, source, modules)
     return BuiltWorkflow(config, source, services, graph)
+
+
+def _check_output_files(config: WorkflowConfig, source, modules: dict) -> None:
+    """Two output modules may not write one file, and none may write onto an input file (the
+    job would replace what it reads): configuration errors before the first event."""
+    inputs = {os.path.realpath(path) for path in source.input_files()}
+    written: dict[str, str] = {}
+    for label, module in modules.items():
+        param = getattr(type(module), "output_file_param", None)
+        if not isinstance(module, OutputModule) or param is None:
+            continue
+        path = str(getattr(module, param))
+        real = os.path.realpath(path)
+        if real in written:
+            raise ConfigError(f"writes {path}, as output module '{written[real]}' does: give "
+                              f"each output a file of its own", file=config.file, label=label,
+                              parameter=param)
+        if real in inputs:
+            raise ConfigError(f"writes {path}, which is one of the job's input files: it would "
+                              f"be replaced while it is read", file=config.file, label=label,
+                              parameter=param)
+        written[real] = label
 
 
 def _check_requirements(config: WorkflowConfig, source, services: dict, modules: dict) -> None:

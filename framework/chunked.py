@@ -426,7 +426,8 @@ def _add_path(into: dict, entry: dict) -> None:
 
 
 def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
-                  options=None, processes: list[dict] = ()) -> dict:
+                  options=None, processes: list[dict] = (), workers: int | None = None
+                  ) -> dict:
     """One job report of the chunks' reports (every chunk that ran, all or part of it), on the
     zero ``template`` of the workflow: events, paths and modules added up, failed events given
     their job-wide index; the modules' ``details`` and the services' entries from the worker
@@ -472,7 +473,7 @@ def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
     ev = report["events"]
     report["wall_s"] = max(wall_s, 1e-9)
     report["throughput_hz"] = (ev["accepted"] + ev["rejected"] + ev["failed"]) / report["wall_s"]
-    workers = max(len(processes), 1)
+    workers = workers or max(len(processes), 1)
     report["processes"] = workers
     report["cpu_s"] = cpu
     report["cpu_efficiency"] = cpu_efficiency(cpu, report["wall_s"], report["threads"] * workers)

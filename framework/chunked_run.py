@@ -26,20 +26,22 @@ their workers run (a :class:`WorkerPool`: :class:`~recorun.framework.process_poo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
 import signal
-import threading
 import time
 import uuid
 from pathlib import Path
 
 from .chunked import (MAX_CHUNK, MIN_CHUNK, ChunkState, Resubmission, initial_states,
                       merge_outputs, merge_reports, not_processed, output_targets, raw_workflow)
-from .errors import (EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_MODULE, EXIT_OK, RecorunError)
+from .errors import EXIT_CONFIG, EXIT_MODULE, EXIT_OK, RecorunError
 from .hooks import hook
 from .process import JobResult
 from .reports import summarize
 from .scheduler import Scheduler
+from .signals import JobInterrupted, exit_code, job_signals
 
 #: how often a lost chunk (its worker died) is run in all
 ATTEMPTS = 2
@@ -92,6 +94,9 @@ class WorkerPool:
         """What the report says about the workers."""
         return {"executor": self.kind, "workers": self.size}
 
+    def describe(self) -> str:
+        return f"{self.size} workers ({self.kind})"
+
 
 class ChunkedJobError(RecorunError):
     """Some chunks failed or were not run: the job is incomplete."""
@@ -99,43 +104,19 @@ class ChunkedJobError(RecorunError):
     exit_code = EXIT_MODULE
 
 
-class _Signals:
-    """First SIGINT/SIGTERM: stop (``on_stop``). Second: abort (``on_abort``)."""
-
-    def __init__(self, on_stop, on_abort):
-        self.on_stop, self.on_abort = on_stop, on_abort
-        self.received: list[int] = []
-        self.previous: dict = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, _frame):
-        self.received.append(signum)
-        if len(self.received) == 1:
-            self.on_stop(signum)
-        else:
-            self.on_abort(signum)
-
-
 def run_chunked(request, pool: WorkerPool, *, chunk_size: int | None = None,
                 resubmit: Resubmission | None = None,
                 resubmission_file: str | None = None) -> JobResult:
     """Run ``request`` (a :class:`~recorun.framework.executors.JobRequest`) in chunks on
     ``pool``; one job's result (see the module docstring)."""
-    return _ChunkedRun(request, pool, chunk_size, resubmit, resubmission_file).run()
+    with job_signals(request.out) as signals:
+        return _ChunkedRun(request, pool, chunk_size, resubmit, resubmission_file,
+                           signals).run()
 
 
 class _ChunkedRun:
-    def __init__(self, request, pool, chunk_size, resubmit, resubmission_file):
-        self.request, self.pool = request, pool
+    def __init__(self, request, pool, chunk_size, resubmit, resubmission_file, signals):
+        self.request, self.pool, self.signals = request, pool, signals
         self.built = request.built
         self.config = request.built.config
         self.previous = resubmit
@@ -162,15 +143,25 @@ class _ChunkedRun:
         outputs = {label: [t.param, t.parts_dir, Path(t.destination).suffix]
                    for label, t in targets.items()}
         task = {"workflow": raw_workflow(self.request.workflow, self.request.overrides),
-                "file": config.file, "outputs": outputs}
+                "file": config.file, "outputs": outputs,
+                "log_level": logging.WARNING if self.request.quiet else logging.INFO}
         began = time.time()
         states: list[ChunkState] = []
         processes: list[dict] = []
-        with contextlib.ExitStack() as node:
-            if self.pool.local:
-                for env in hook().recorun_node_setup(built=built, stack=node, say=self.say):
-                    node.enter_context(temporary_environment(env or {}))
-            processes = self._work(task, targets, states)
+        def abort():                              # a second signal: no resubmission
+            self.pool.close()
+            for target in targets.values():
+                shutil.rmtree(target.parts_dir, ignore_errors=True)
+        try:
+            with contextlib.ExitStack() as node, self.signals.at_abort(abort):
+                if self.pool.local:
+                    for env in hook().recorun_node_setup(built=built, stack=node,
+                                                         say=self.say):
+                        node.enter_context(temporary_environment(env or {}))
+                processes = self._work(task, targets, states)
+        except JobInterrupted as exc:             # while the node was set up
+            self.pool.close()
+            self.stopping, self.exit_code = "interrupted", exit_code(exc.signum)
         # the events' time: first chunk submitted to last chunk done (a one-process job's
         # wall time is its event loop's too); the set-up before it is reported apart
         setup = (self.first_submit or time.time()) - began
@@ -178,8 +169,11 @@ class _ChunkedRun:
                 + (previous.wall_s if previous else 0.0))
         incomplete = [s for s in states if s.status != "done"]
         error = None
-        if not incomplete:
+        if not incomplete and self.stopping is None:
             merge_outputs(targets, states, self.say)
+        elif not states:
+            error = ChunkedJobError(f"the job was stopped ({self.stopping}) before any chunk "
+                                    f"ran; nothing was written")
         else:
             if self.exit_code == EXIT_OK:
                 self.exit_code = next((s.exit_code for s in incomplete if s.exit_code),
@@ -188,9 +182,16 @@ class _ChunkedRun:
         template = summarize(Scheduler(built), workflow=config.file, exit_code=EXIT_OK,
                              not_processed=None)
         report = merge_reports(template, states, wall_s=wall, options=self.request.options,
-                               processes=processes)
-        report.update(exit_code=self.exit_code, not_processed=not_processed(states),
-                      stop_reason=self.stopping)
+                               processes=processes, workers=self.pool.size)
+        unplanned = None
+        if not states:
+            planned = built.source.planned_events(config.process.max_events)
+            unplanned = (f"{'the job' if planned is None else f'all {planned}'} events were not "
+                         f"processed: the job was stopped ({self.stopping}) during set-up")
+        report.update(exit_code=self.exit_code, stop_reason=self.stopping,
+                      not_processed=not_processed(states) or unplanned)
+        if self.signals.first:
+            report["signal"] = signal.Signals(self.signals.first).name
         report["chunked"] = {
             **self.pool.section(), "chunk_size": self.chunk_size, "chunks": len(states),
             "chunks_done": len(states) - len(incomplete),
@@ -220,7 +221,7 @@ class _ChunkedRun:
                       key=lambda s: (-s.chunk.size, s.chunk.id))
         self.say(f"{len(states)} chunks of about {self.chunk_size} events "
                  f"({sum(s.chunk.size for s in states)} events), {len(todo)} to run on "
-                 f"{self.pool.size} {self.pool.kind} workers")
+                 f"{self.pool.describe()}")
         for target in targets.values():
             Path(target.parts_dir).mkdir(parents=True, exist_ok=True)
         return todo
@@ -244,23 +245,25 @@ class _ChunkedRun:
         return size
 
     def _work(self, task: dict, targets, states: list[ChunkState]) -> list[dict]:
-        """Start the workers, plan and run the chunks, end the workers; their reports."""
+        """Start the workers, plan and run the chunks, end the workers; their reports. A
+        first signal while the workers start abandons the job; later, no new chunks and the
+        workers finish the events in flight (:mod:`recorun.framework.signals`)."""
         pool = self.pool
 
         def stop(signum):
             name = signal.Signals(signum).name
             self.shout(f"{name}: no new chunks; the workers finish the events in flight "
                        f"(again to abort)")
-            self._stop("interrupted", EXIT_INTERRUPTED)
+            self._stop("interrupted", exit_code(signum))
 
-        def abort(signum):
-            self.shout(f"{signal.Signals(signum).name} again: killing the workers")
-            pool.close()
-            os._exit(EXIT_INTERRUPTED)
-
-        with _Signals(stop, abort):
+        try:
             failures = pool.start(task)
             todo = self._plan(targets, states)
+        except JobInterrupted as exc:
+            pool.close()
+            self.stopping, self.exit_code = "interrupted", exit_code(exc.signum)
+            return []
+        with self.signals.stopping(stop):
             if failures:
                 first = failures[0]
                 self.shout(f"a worker could not set the job up ({first.get('worker')}): "
@@ -348,10 +351,12 @@ class _ChunkedRun:
                          list(self.request.overrides), self.chunk_size, states, wall,
                          self.previous.submissions + 1 if self.previous else 1).write()
         again = (f" Run only those chunks again with: recorun {self.request.workflow} "
-                 f"{_executor_flags(options)}--resubmit {path} [--set ... to fix the cause]"
+                 f"{_executor_flags(options)}--resubmit {path}"
+                 + ("" if self.stopping == "interrupted" else " [--set ... to fix the cause]")
                  if path else "")
+        why = "the job was interrupted: " if self.stopping == "interrupted" else ""
         return ChunkedJobError(
-            f"{len(incomplete)} of {len(states)} chunks did not complete; no output was "
+            f"{why}{len(incomplete)} of {len(states)} chunks did not complete; no output was "
             f"merged (the complete chunks' parts are kept).{again}")
 
 

@@ -24,6 +24,8 @@ from .extras import installed
 from .hooks import hook, merged, plugin_manager, text_reports
 from .registry import GROUPS, PluginNotFound, available, load
 from .reports import resources_json, time_report, trig_report, write_json
+from .signals import JobInterrupted, job_signals
+from .signals import exit_code as signal_exit_code
 
 
 def parser(executors: dict) -> argparse.ArgumentParser:
@@ -71,7 +73,8 @@ def parser(executors: dict) -> argparse.ArgumentParser:
     verbosity.add_argument("-v", "--verbose", action="store_true",
                            help="also list every failed event and the graph's warnings")
     p.add_argument("--executor", choices=sorted(executors), default="local",
-                   help="where the events are processed: local (this process, the default)"
+                   help="where the events are processed: local (this node: one process, or "
+                        "--processes N; the default)"
                         + "".join(f"; {name}" for name in sorted(executors) if name != "local"))
     p.add_argument("--list", action="store_true",
                    help="list the registered module, source and service types")
@@ -154,6 +157,26 @@ def _describe(name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``recorun``: SIGINT and SIGTERM are handled from here to the last report written
+    (:mod:`recorun.framework.signals`)."""
+    with job_signals(sys.stderr) as signals:
+        try:
+            return _main(argv)
+        except JobInterrupted as exc:            # before any job began: nothing ran
+            sys.stderr.write(f"recorun: {exc}: nothing was run\n")
+            return signal_exit_code(exc.signum)
+        finally:
+            del signals
+
+
+def _stopped_by(exc: RecorunError, err) -> int:
+    """Say what stopped the command before any job ran; its exit code."""
+    kind = "configuration error" if isinstance(exc, ConfigError) else "error"
+    err.write(f"recorun: {kind}: {exc}\n")
+    return EXIT_CONFIG if isinstance(exc, ConfigError) else exc.exit_code
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     err = sys.stderr
     try:
@@ -187,12 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = _overrides(args)
         config = load_workflow(args.workflow, overrides)
         built = build_workflow(config)
-    except ConfigError as exc:
-        err.write(f"recorun: configuration error: {exc}\n")
-        return EXIT_CONFIG
     except RecorunError as exc:
-        err.write(f"recorun: error: {exc}\n")
-        return exc.exit_code
+        return _stopped_by(exc, err)
     problem = chunked_options_problem(args, config.process.processes)
     if problem:
         err.write(f"recorun: configuration error: {problem}\n")
@@ -211,12 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     request = JobRequest(built, args.workflow, overrides, args, quiet=args.quiet, out=err)
     try:
         result = executors[args.executor]().run(request)
-    except ConfigError as exc:
-        err.write(f"recorun: configuration error: {exc}\n")
-        return EXIT_CONFIG
     except RecorunError as exc:
-        err.write(f"recorun: error: {exc}\n")
-        return exc.exit_code
+        return _stopped_by(exc, err)
     report = result.report
     set_up_failed = report["events"]["read"] == 0 and result.exit_code != EXIT_OK
     if not args.quiet and not set_up_failed:
@@ -235,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.stdout.flush()
     ev = report["events"]
-    if result.error is not None:
-        err.write(f"recorun: error: {result.error}\n")
+    if result.error is not None and not isinstance(result.error, JobInterrupted):
+        err.write(f"recorun: error: {result.error}\n")      # (an interruption: said below)
     failures = report["failed_events"]
     if failures and (args.verbose or len(failures) <= 10):
         for failure in failures:

@@ -7,10 +7,8 @@ summary says which events were read, which failed and which were never read.
 from __future__ import annotations
 
 import copy
-import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -24,6 +22,8 @@ from .native_threads import limited
 from .hooks import report_sections
 from .reports import summarize, thread_advice
 from .scheduler import Scheduler
+from .signals import JobInterrupted, job_signals
+from .signals import exit_code as signal_exit_code
 from .trace import Tracer
 
 STOP_EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "input error": EXIT_INPUT,
@@ -39,38 +39,6 @@ class JobResult:
     scheduler: Scheduler
     tracer: Tracer | None
     error: BaseException | None
-
-
-class _Interrupts:
-    """First Ctrl-C (or SIGTERM): stop reading events, finish those in flight. Second: abort."""
-
-    def __init__(self, scheduler: Scheduler, out):
-        self.scheduler = scheduler
-        self.out = out
-        self.count = 0
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        self.count += 1
-        if self.count > 1:
-            self.out.write("\nrecorun: interrupted twice, aborting without reports\n")
-            self.out.flush()
-            os._exit(EXIT_INTERRUPTED)
-        status = self.scheduler.status
-        self.out.write(f"\nrecorun: interrupted; finishing the {status.read - status.done} "
-                       f"events in flight (interrupt again to abort)\n")
-        self.out.flush()
-        self.scheduler.stop("interrupted")
 
 
 def begin_module(worker, module, method: str = "begin_job") -> None:
@@ -135,7 +103,10 @@ def close_source_of(source) -> list[ModuleError]:
 
 
 def exit_code_of(stop_reason: str | None, error: BaseException | None) -> int:
-    """A run's exit code: from what stopped it, else from its error, else 0."""
+    """A run's exit code: from what stopped it (a signal: 128 + its number), else from its
+    error, else 0."""
+    if isinstance(error, JobInterrupted):
+        return signal_exit_code(error.signum)
     if stop_reason in STOP_EXIT_CODES:
         return STOP_EXIT_CODES[stop_reason]
     if error is not None:
@@ -173,17 +144,26 @@ def _wait_until(start_at: float, scheduler: Scheduler, out, quiet: bool) -> None
 
 
 def _run_events(built: BuiltWorkflow, scheduler: Scheduler, out, quiet: bool, inflight,
-                start_at: float | None):
-    """The event loop, with its monitor, its signal handlers and the numerical libraries'
-    threads limited (:mod:`recorun.framework.native_threads`); the error that stopped it."""
+                start_at: float | None, signals):
+    """The event loop, with its monitor, a signal's stop (finish the events in flight) and the
+    numerical libraries' threads limited (:mod:`recorun.framework.native_threads`); the error
+    that stopped it."""
     process = built.config.process
+
+    def stop(signum):
+        status = scheduler.status
+        out.write(f"\nrecorun: {signal.Signals(signum).name}: finishing the "
+                  f"{status.read - status.done} events in flight (interrupt again to abort)\n")
+        out.flush()
+        scheduler.stop("interrupted", JobInterrupted(signum))
+
     monitor = Monitor(scheduler.status, total=built.source.total_events(),
                       report_every_s=process.report_every_s,
                       watchdog_s=process.watchdog_s, inflight=inflight, stream=out,
                       quiet=quiet)
     monitor.start()
     try:
-        with _Interrupts(scheduler, out), limited(process.native_threads):
+        with signals.stopping(stop), limited(process.native_threads):
             if start_at is not None:
                 _wait_until(start_at, scheduler, out, quiet)
             scheduler.run()
@@ -196,8 +176,14 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
             out=None, start_at: float | None = None, options=None) -> JobResult:
     """Run the job; its report gets the plugins' sections (``recorun_report_sections``, given
     the command line's ``options``, or None). With ``start_at`` (Unix seconds) the first event
-    waits for that time (:func:`_wait_until`)."""
+    waits for that time (:func:`_wait_until`). SIGINT and SIGTERM are handled in every phase
+    (:mod:`recorun.framework.signals`)."""
     out = out or sys.stderr
+    with job_signals(out) as signals:
+        return _run_job(built, trace, quiet, out, start_at, options, signals)
+
+
+def _run_job(built, trace, quiet, out, start_at, options, signals) -> JobResult:
     process = built.config.process
     tracer = Tracer() if trace else None
     inflight = InFlight() if process.watchdog_s > 0 else None
@@ -209,20 +195,28 @@ def run_job(built: BuiltWorkflow, *, trace: bool = False, quiet: bool = False,
     except (ConfigError, ModuleError, InputError) as exc:
         error = exc
         scheduler.stop(next(r for kind, r in STOP_REASONS if isinstance(exc, kind)), exc)
+    except JobInterrupted as exc:               # during set-up: abandon it
+        error = exc
+        scheduler.stop("interrupted", exc)
     if error is None:
-        error = _run_events(built, scheduler, out, quiet, inflight, start_at)
-    complete = scheduler.status.stop_reason is None and begun and error is None
-    for _, module in scheduler.all_instances():
-        if isinstance(module, OutputModule):
-            module.job_complete = bool(complete)
-    end_errors = end_job(built, scheduler, begun)
-    if error is None and end_errors:
-        error = end_errors[0]
-    exit_code = exit_code_of(scheduler.status.stop_reason, error)
-    report = summarize(scheduler, workflow=built.config.file, exit_code=exit_code,
-                       not_processed=not_processed(scheduler, built.source))
-    report["advice"] = thread_advice(report)
-    report.update(report_sections(report, options))
+        error = _run_events(built, scheduler, out, quiet, inflight, start_at, signals)
+    with signals.ending():
+        complete = scheduler.status.stop_reason is None and begun and error is None
+        for _, module in scheduler.all_instances():
+            if isinstance(module, OutputModule):
+                module.job_complete = bool(complete)
+        end_errors = end_job(built, scheduler, begun)
+        if error is None and end_errors:
+            error = end_errors[0]
+        exit_code = exit_code_of(scheduler.status.stop_reason, error)
+        if signals.first and exit_code == EXIT_OK:      # a signal during end-job
+            exit_code = signal_exit_code(signals.first)
+        report = summarize(scheduler, workflow=built.config.file, exit_code=exit_code,
+                           not_processed=not_processed(scheduler, built.source))
+        if signals.first:
+            report["signal"] = signal.Signals(signals.first).name
+        report["advice"] = thread_advice(report)
+        report.update(report_sections(report, options))
     return JobResult(exit_code, report, scheduler, tracer, error)
 
 

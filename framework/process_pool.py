@@ -14,6 +14,7 @@ process sentinel; the driver knows which chunk it had.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -59,6 +60,8 @@ def _worker_main(conn: Connection, task: dict) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    logging.basicConfig(stream=sys.stderr, format="%(message)s",
+                        level=task.get("log_level", logging.WARNING))
     try:
         worker = ChunkWorker(task)
     except WorkerStartError as exc:
@@ -89,13 +92,17 @@ class Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
     where: str = ""
+    ready: bool = False
     state: object = None                 # the ChunkState it runs, or None (idle)
     alive: bool = True
     report: dict | None = None           # its process report, once finished
+    chunks: int = 0                      # chunks it ran to the end
+    events: int = 0
 
 
 class ProcessPool(WorkerPool):
-    """``size`` worker processes of this node (see the module docstring)."""
+    """``size`` worker processes of this node (see the module docstring). A worker that dies
+    is replaced (a new process builds the workflow), up to ``size`` replacements in all."""
 
     kind = "processes"
 
@@ -103,40 +110,48 @@ class ProcessPool(WorkerPool):
         self.size = size
         self.workers: list[Worker] = []
         self.queue: deque = deque()          # (state, attempt) waiting for an idle worker
+        self.task: dict = {}
+        self.replacements = 0
 
     def start(self, task: dict) -> list[dict]:
-        limit = task["workflow"].get("process", {}).get("native_threads", 1)
-        with temporary_environment({k: v for k, v in environment(limit).items()
-                           if k not in os.environ}):          # what a user set stays
-            self._spawn(task)
-        return self._ready()
-
-    def _spawn(self, task: dict) -> None:
+        self.task = task
         for i in range(self.size):
-            ours, theirs = SPAWN.Pipe()
-            process = SPAWN.Process(target=_worker_main, args=(theirs, task),
-                                    name=f"recorun-worker-{i}")
-            process.start()
-            theirs.close()
-            self.workers.append(Worker(i, process, ours))
-
-    def _ready(self) -> list[dict]:
+            self._spawn(i)
         failures = []
         for worker in self.workers:
-            try:
-                kind, payload = worker.conn.recv()
-            except (EOFError, OSError):
-                worker.process.join(5)
-                kind, payload = "start_failed", {
-                    "error": f"worker process {worker.process.pid} died while it built the "
-                             f"workflow (exit code {worker.process.exitcode})", "exit_code": 1,
-                    "worker": f"pid {worker.process.pid}"}
-            if kind == "ready":
-                worker.where = payload
-            else:
-                failures.append(payload)
-                worker.alive = False
+            failure = self._await_ready(worker)
+            if failure:
+                failures.append(failure)
         return failures
+
+    def _spawn(self, index: int) -> Worker:
+        limit = self.task["workflow"].get("process", {}).get("native_threads", 1)
+        with temporary_environment({k: v for k, v in environment(limit).items()
+                                    if k not in os.environ}):     # what a user set stays
+            ours, theirs = SPAWN.Pipe()
+            process = SPAWN.Process(target=_worker_main, args=(theirs, self.task),
+                                    name=f"recorun-worker-{index}")
+            process.start()
+            theirs.close()
+        worker = Worker(index, process, ours)
+        self.workers.append(worker)
+        return worker
+
+    def _await_ready(self, worker: Worker) -> dict | None:
+        """Block until ``worker`` has built the workflow; its start failure, or None."""
+        try:
+            kind, payload = worker.conn.recv()
+        except (EOFError, OSError):
+            worker.process.join(5)
+            kind, payload = "start_failed", {
+                "error": f"worker process {worker.process.pid} died while it built the "
+                         f"workflow (exit code {worker.process.exitcode})", "exit_code": 1,
+                "worker": f"pid {worker.process.pid}"}
+        if kind == "ready":
+            worker.where, worker.ready = payload, True
+            return None
+        worker.alive = False
+        return payload
 
     def submit(self, state, attempt: str) -> None:
         self.queue.append((state, attempt))
@@ -146,7 +161,7 @@ class ProcessPool(WorkerPool):
         for worker in self.workers:
             if not self.queue:
                 return
-            if worker.alive and worker.state is None:
+            if worker.alive and worker.ready and worker.state is None:
                 state, attempt = self.queue.popleft()
                 state.status = "running"
                 worker.state = state
@@ -174,7 +189,15 @@ class ProcessPool(WorkerPool):
                     kind, payload = "eof", None
                 if kind == "chunk":
                     state, worker.state = worker.state, None
+                    worker.chunks += 1
+                    worker.events += payload["report"]["events"]["read"]
                     events.append(("done", state, payload))
+                    continue
+                if kind == "ready":                  # a replacement, set up
+                    worker.where, worker.ready = payload, True
+                    continue
+                if kind == "start_failed":
+                    worker.alive = False
                     continue
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 worker.process.join(1)
@@ -186,6 +209,9 @@ class ProcessPool(WorkerPool):
                     events.append(("lost", state, f"worker process {worker.process.pid} "
                                                   f"({worker.where}) died (exit code "
                                                   f"{worker.process.exitcode})"))
+                if self.replacements < self.size:
+                    self.replacements += 1
+                    self._spawn(len(self.workers))
         self._dispatch()
         return events
 
@@ -209,16 +235,25 @@ class ProcessPool(WorkerPool):
                     worker.alive = False
         deadline = time.monotonic() + timeout_s
         for worker in self.workers:
-            if worker.alive and worker.conn.poll(max(deadline - time.monotonic(), 0.1)):
+            while worker.alive and worker.conn.poll(max(deadline - time.monotonic(), 0.1)):
                 try:
                     kind, payload = worker.conn.recv()
-                    if kind == "finished":
-                        worker.report = payload
                 except (EOFError, OSError):
-                    pass
+                    break
+                if kind == "finished":
+                    worker.report = payload
+                    break                        # (a replacement's late "ready" is skipped)
             worker.process.join(max(deadline - time.monotonic(), 1.0))
         self.close()
-        return [w.report for w in self.workers if w.report is not None]
+        reports = []
+        for worker in self.workers:
+            if worker.report is not None:
+                reports.append(worker.report)
+            elif worker.chunks:                  # it died: what the driver saw of it
+                reports.append({"worker": worker.where, "pid": worker.process.pid,
+                                "died": True, "chunks": worker.chunks,
+                                "events": worker.events, "exit_code": worker.process.exitcode})
+        return reports
 
     def close(self) -> None:
         for worker in self.workers:
@@ -229,4 +264,8 @@ class ProcessPool(WorkerPool):
             worker.conn.close()
 
     def section(self) -> dict:
-        return {"executor": "processes", "workers": self.size}
+        return {"executor": "processes", "workers": self.size,
+                "replaced_workers": self.replacements}
+
+    def describe(self) -> str:
+        return f"{self.size} worker processes"

@@ -98,6 +98,10 @@ class Source(Configurable):
         not opened. A source that cannot be cut raises NotImplementedError (the default)."""
         raise NotImplementedError(f"{type(self).__name__} cannot be cut into chunks")
 
+    def input_files(self) -> list[str]:
+        """The files this source reads (no job may write onto one of them)."""
+        return []
+
     def summary(self) -> dict:
         """What the job report says about the source (files read, files skipped...)."""
         return {"type": type(self).__name__}

@@ -63,9 +63,10 @@ ALGORITHMS = ("antikt", "kt", "cambridge")
 
 
 def _fastjet():
-    import fastjet  # imported when a module of this file begins its job
+    """FastJet, imported when a module of this file begins its job (banner on stderr)."""
+    from .jets import fastjet_quietly
 
-    return fastjet
+    return fastjet_quietly()
 
 
 def tower_pseudojets(towers) -> list:

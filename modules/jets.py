@@ -47,6 +47,9 @@ decay products outside R), median 47 GeV for QCD.
 """
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 
 from recorun import Concurrency, InputTag, Param, Producer
@@ -78,12 +81,35 @@ def _pt_eta_phi(px, py, pz):
     return pt, eta, np.arctan2(py, px)
 
 
+_BANNER_SHOWN = False
+
+
+def fastjet_quietly():
+    """The ``fastjet`` module, its banner (which FastJet prints on stdout at a process's first
+    clustering) already printed, on stderr: stdout keeps only the job's reports."""
+    global _BANNER_SHOWN
+    import fastjet
+
+    if not _BANNER_SHOWN:
+        _BANNER_SHOWN = True
+        sys.stdout.flush()
+        saved = os.dup(1)
+        try:
+            os.dup2(2, 1)
+            fastjet.ClusterSequence([fastjet.PseudoJet(1.0, 0.0, 0.0, 1.0)],
+                                    fastjet.JetDefinition(fastjet.antikt_algorithm, 0.4))
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+    return fastjet
+
+
 def cluster_antikt(particles, radius: float = 0.8, min_pt: float = 20.0,
                    jet_definition=None) -> tuple[np.ndarray, np.ndarray]:
     """Anti-kt jets of one event's particles (a Collection, structured array or dict with
     fields px, py, pz, E and optionally charge). Returns (jets, constituents) as
     :data:`JET_DTYPE` and :data:`CONSTITUENT_DTYPE` arrays, jets by decreasing pT."""
-    import fastjet
+    fastjet = fastjet_quietly()
 
     if jet_definition is None:
         jet_definition = fastjet.JetDefinition(fastjet.antikt_algorithm, radius)
@@ -132,7 +158,7 @@ class AntiKtJetProducer(Producer):
     min_pt = Param(float, 20.0, doc="jets below this pT (GeV) are dropped")
 
     def begin_job(self):
-        import fastjet
+        fastjet = fastjet_quietly()
 
         if not self.R > 0:
             raise ValueError(f"R must be positive, got {self.R}")

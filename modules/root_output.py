@@ -37,7 +37,7 @@ import numpy as np
 import uproot
 
 from recorun.data.layout import flatten_inner, read_shapes, write_shapes
-from recorun import Collection, InputTagList, OutputModule, Param
+from recorun import Collection, ConfigError, InputTagList, OutputModule, Param
 from recorun.framework.params import ParamError
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,36 @@ def parse_compression(text: str):
         raise ValueError(f"compression '{text}': expected one of "
                          f"{', '.join(f'{a}:LEVEL' for a in COMPRESSION)} or 'none'")
     return COMPRESSION[algorithm](int(level))
+
+
+def open_partial(partial: Path):
+    """``partial`` (``<file>.partial``) created anew for writing, never through a symbolic
+    link: a link planted at that name is refused (ConfigError, exit 2), a file left by an
+    earlier job is replaced, and the new one is created exclusively (``O_EXCL | O_NOFOLLOW``),
+    so that nothing else can be overwritten through it. Its folder is made if needed."""
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output's folder {partial.parent}: "
+                          f"{exc.strerror or exc}") from None
+    if partial.is_symlink():
+        raise ConfigError(f"{partial} is a symbolic link: the output is written there first "
+                          f"and recorun does not write through links (remove it)")
+    try:
+        partial.unlink()                      # an earlier job's, interrupted
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot replace {partial}: {exc.strerror or exc}") from None
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(partial, flags, 0o644)
+    except FileExistsError:
+        raise ConfigError(f"{partial} appeared while recorun was creating it: another job "
+                          f"writes the same output") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot create {partial}: {exc.strerror or exc}") from None
+    return os.fdopen(fd, "w+b")
 
 
 def _column(values: list, name: str):
@@ -136,9 +166,9 @@ class RootOutput(OutputModule):
     def begin_job(self):
         self._names = [self.rename.get(tag, tag.replace(":", "_")) for tag in self.products]
         self._path = Path(self.file)
-        self._path.parent.mkdir(parents=True, exist_ok=True)
         self._partial = self._path.with_name(self._path.name + ".partial")
-        self._file = uproot.recreate(self._partial, compression=self._compression)
+        self._handle = open_partial(self._partial)
+        self._file = uproot.recreate(self._handle, compression=self._compression)
         self._tree = None
         self._shapes: dict[str, tuple] = {}
         self._ids: list[tuple] = []
@@ -185,6 +215,7 @@ class RootOutput(OutputModule):
             write_shapes(self._file, self._shapes)
         finally:
             self._file.close()
+            self._handle.close()
         if self._tree is None:
             log.warning("%s: no event was selected; %s has no tree", self.label, self._path)
         if self.job_complete:
@@ -205,12 +236,11 @@ class RootOutput(OutputModule):
         fmt = params.get("format", "ttree")
         step = max(int(params.get("flush_events", 1000)), 1)
         destination = Path(destination)
-        destination.parent.mkdir(parents=True, exist_ok=True)
         partial = destination.with_name(destination.name + ".partial")
         shapes: dict[str, tuple] = {}
         written = 0
-        with uproot.recreate(partial, compression=parse_compression(
-                params.get("compression", "zstd:1"))) as out:
+        with open_partial(partial) as handle, uproot.recreate(handle, compression=(
+                parse_compression(params.get("compression", "zstd:1")))) as out:
             merged = None
             for part in parts:
                 with uproot.open(part) as source:

@@ -435,6 +435,9 @@ class RootSource(Source):
         if self._reader is not None:
             self._reader.join(timeout=5)
 
+    def input_files(self) -> list[str]:
+        return list(self.paths)
+
     def summary(self) -> dict:
         return {"type": "RootSource", "files": self.paths, "tree": self.tree_name,
                 "branches": self.selected, "skipped_files": self.skipped}

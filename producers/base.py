@@ -91,6 +91,12 @@ class SonicProducer(ExternalWorkProducer):
     tries = Param(int, 3, doc="attempts per server (1: no retry)")
     compression = Param(str, "none", choices=COMPRESSIONS, doc="gRPC compression")
     verbose = Param(bool, False, doc="log the model's description and the client's counters")
+    backoff = Param(str | float, "50 ms", doc="the first pause between two tries on one "
+                    "server; it doubles with each try (at most 2 s), with jitter")
+    outage_budget = Param(str | float, "30 s", doc="while every server of the model is down, "
+                          "how long a request waits for one to come back before its event "
+                          "fails (0: fail at once); with the registry's 'fallback: true' the "
+                          "local fallback server then takes over")
     balance = Param(str, "", choices=("", *BALANCES),
                     doc="how requests spread over the servers that serve the model: first, "
                         "round_robin, least_outstanding; empty: the ServerRegistry's")
@@ -106,11 +112,12 @@ class SonicProducer(ExternalWorkProducer):
                 model=self.model, version=self.version, server=self.server, mode=self.mode,
                 timeout_s=self.timeout, tries=self.tries, compression=self.compression,
                 client=self.client, backend=self.backend, verbose=self.verbose,
-                balance=self.balance)
+                balance=self.balance, backoff_s=self.backoff, outage_s=self.outage_budget)
         except ClientConfigError as exc:
             text = str(exc)
             name = next((p for p in ("tries", "version", "server", "verbose") if f": {p}:" in
-                         text), "timeout" if "timeout" in text else "model")
+                         text), "timeout" if "timeout" in text else "backoff" if "backoff_s" in
+                        text else "outage_budget" if "outage_s" in text else "model")
             raise ParamError(name, text) from None
         self.sonic = None                       # the SonicClient, from begin_job on
         self._outputs: dict[int, dict[str, np.ndarray]] = {}

@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import functools
+import ipaddress
 import os
 import re
 import shutil
@@ -143,11 +144,33 @@ def _temp_paths(arguments: Sequence[str]) -> str:
 
 # --- configuration ---------------------------------------------------------------------------
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*"
+                       r"[A-Za-z0-9])?)*")
+
+
+def check_host(text: str) -> str:
+    """``text`` if it is an IP address or a host name, else BalancerError: it goes into
+    nginx.conf, where a ``;`` or a space would add directives of its own."""
+    candidate = str(text).strip()
+    try:
+        ipaddress.ip_address(candidate.strip("[]"))
+        return candidate.strip("[]")
+    except ValueError:
+        pass
+    if len(candidate) <= 253 and _HOSTNAME.fullmatch(candidate):
+        return candidate
+    raise BalancerError(f"{text!r} is not an IP address or a host name")
+
+
 def parse_upstream(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port); raises ValueError."""
     host, sep, port = str(text).strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"upstream must be 'HOST:PORT', not {text!r}")
+    try:
+        check_host(host)
+    except BalancerError:
+        raise ValueError(f"upstream must be 'HOST:PORT', not {text!r}") from None
     return host, int(port)
 
 
@@ -210,7 +233,7 @@ class NginxBalancer:
             if not float(value) > 0:
                 raise BalancerError(f"{name} must be positive, not {value!r}")
         self.requested_port = int(port)
-        self.host = address
+        self.host = check_host(address)
         self.port = 0
         self.method = method
         self.timeout_s = float(timeout_s)
@@ -490,6 +513,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if not 0 <= args.port < 65536:
         print(f"recorun-balancer: --port {args.port}: not a port", file=sys.stderr)
+        return 2
+    try:                                          # bad options: exit 2 before nginx is looked for
+        check_host(args.address)
+        for upstream in args.upstream:
+            parse_upstream(upstream)
+    except (BalancerError, ValueError) as exc:
+        print(f"recorun-balancer: {exc}", file=sys.stderr)
         return 2
     try:
         balancer = NginxBalancer(args.upstream, args.port, address=args.address,

@@ -28,9 +28,12 @@ failed to start or died; 2 bad options, or the ``server`` extra is not installed
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -208,6 +211,24 @@ class _Stop(BaseException):
         self.signum = signum
 
 
+def _ports_in_use(args) -> list[str]:
+    """The ports asked for (not 0) that another process holds on ``--address``."""
+    taken = []
+    for flag, port in (("--grpc-port", args.grpc_port), ("--http-port", args.http_port),
+                       ("--metrics-port", args.metrics_port)):
+        if not port:
+            continue
+        family = socket.AF_INET6 if ":" in args.address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as servers bind
+            try:
+                probe.bind((args.address, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    taken.append(f"{flag} {port}")
+    return taken
+
+
 def _serve(args) -> int:
     from .serve import (
         DEFAULT_RESTRICTED_ENDPOINTS,
@@ -233,6 +254,14 @@ def _serve(args) -> int:
         preferred_batch_sizes=tuple(args.preferred_batch_sizes),
         max_queue_delay_us=args.max_queue_delay_us, weights_dir=args.weights_dir,
         restricted_endpoints=restricted, log_verbose=1 if args.verbose > 1 else 0)
+    taken = _ports_in_use(args)
+    if taken:
+        print(f"recorun-server: port in use on {args.address}: {', '.join(taken)} (another "
+              f"server listens there; pick another port, or 0 for a free one)", file=sys.stderr)
+        return EXIT_USAGE
+    # what the server and the processes it starts create (pytriton's shared-memory segments,
+    # its workspace) is for this user only
+    os.umask(0o077)
     try:
         server = RecorunServer(options, log=sys.stderr)
     except ConfigurationError as exc:

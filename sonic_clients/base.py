@@ -164,7 +164,10 @@ class ClientConfig:
     :class:`~recorun.sonic_clients.registry.ServerRegistry`. ``backend`` is for in-process clients only.
     ``balance`` spreads the requests over the servers that serve the model (one of
     :data:`BALANCES`; empty: the registry's ``balance``, ``first`` by default), see
-    :mod:`recorun.sonic_clients.triton`.
+    :mod:`recorun.sonic_clients.triton`. ``backoff_s``: the first pause between two tries on one
+    server (doubling, jittered, at most 2 s). ``outage_s``: the outage budget, how long a
+    request waits for one of its servers to come back while every one is down (0: fail at
+    once).
     """
 
     model: str
@@ -178,6 +181,8 @@ class ClientConfig:
     backend: str = "onnxruntime"
     verbose: bool = False
     balance: str = ""
+    backoff_s: float = 0.05
+    outage_s: float = 30.0
 
     def __post_init__(self):
         def bad(name, message):
@@ -210,6 +215,13 @@ class ClientConfig:
             raise bad("timeout_s", "must be positive")
         if isinstance(self.tries, bool) or not isinstance(self.tries, int) or self.tries < 1:
             raise bad("tries", f"must be an integer of at least 1, not {self.tries!r}")
+        for name in ("backoff_s", "outage_s"):
+            try:
+                setattr(self, name, parse_duration(getattr(self, name)))
+            except ValueError as exc:
+                raise bad(name, str(exc)) from None
+            if getattr(self, name) < 0:
+                raise bad(name, "must not be negative")
         if not isinstance(self.verbose, bool):
             raise bad("verbose", f"expected true or false, got {self.verbose!r}")
 
@@ -341,7 +353,9 @@ class ClientStats:
     """Thread-safe counters of one client. ``requests`` counts every request sent (tries
     included), ``answers`` the successful ones (Triton clients); ``retries`` the repeats on
     the same server; ``failovers`` the moves to another server; ``failures`` the calls that
-    ended in an error.
+    ended in an error; ``outage_waits`` the requests that waited for a server to come back
+    (``outage_wait_s`` in all), ``fallback_takeovers`` the local fallback server taking over
+    from servers down past the outage budget.
 
     ``in_flight`` is a gauge, not in :meth:`snapshot` (so not in the job report): the
     requests (one per chunk of at most ``max_batch_size`` rows) sent or queued and neither
@@ -349,8 +363,8 @@ class ClientStats:
     :class:`Call`, for metrics exporters that read it while the job runs."""
 
     COUNTERS = ("calls", "requests", "answers", "retries", "failovers", "failures", "rows",
-                "bytes_sent")
-    SECONDS = ("pack_s", "roundtrip_s")
+                "bytes_sent", "outage_waits", "fallback_takeovers")
+    SECONDS = ("pack_s", "roundtrip_s", "outage_wait_s")
 
     def __init__(self):
         self._lock = threading.Lock()

@@ -81,6 +81,7 @@ class FallbackServer:
         self.log_path = self._logdir / "recorun-server.log"
         self._lock = threading.Lock()
         self._started = False
+        self._stop_asked = False
 
     def __repr__(self) -> str:
         return (f"FallbackServer(models={list(self.models)}, pid={self.pid}, "
@@ -117,7 +118,9 @@ class FallbackServer:
         with _RUNNING_LOCK:
             _RUNNING.add(self)
         try:
-            with open(self.log_path, "w") as log:
+            with self._lock, open(self.log_path, "w") as log:
+                if self._stop_asked:
+                    raise OSError("it was stopped before it started")
                 self.child = ChildProcess(self.command, name=f"fallback-server-"
                                           f"{'+'.join(self.models)}", stdout=subprocess.PIPE,
                                           stderr=log, cpus=self.cpus).start()
@@ -138,6 +141,10 @@ class FallbackServer:
         except OSError as exc:                          # the command cannot start
             problem = exc
         self.started_s = time.perf_counter() - began
+        if problem is not None and self._stop_asked:        # the job is ending: say no more
+            self.kill()
+            raise FallbackServerError(f"the fallback recorun-server for "
+                                      f"{', '.join(self.models)} was stopped while it started")
         if problem is not None:
             self.kill()
             log = self.log()
@@ -157,9 +164,12 @@ class FallbackServer:
         Returns the exit code. Idempotent."""
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
-        if self.child is None:
+        with self._lock:                  # a start under way then fails at once
+            self._stop_asked = True
+            child = self.child
+        if child is None:
             return self.exit_code
-        self.exit_code = self.child.stop(timeout_s)
+        self.exit_code = child.stop(timeout_s)
         if self.exit_code == 0 or not self.ready_line:     # clean, or already printed
             shutil.rmtree(self._logdir, ignore_errors=True)
         else:

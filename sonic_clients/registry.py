@@ -51,9 +51,11 @@ from __future__ import annotations
 
 import difflib
 import threading
+from pathlib import Path
 from concurrent.futures import Future
 from typing import Any
 
+from recorun.framework.errors import ConfigError
 from recorun.framework.params import Param, ParamError
 from recorun.framework.service import Service
 
@@ -115,10 +117,10 @@ class _FallbackLaunch:
         self.future.set_result(self.endpoint)
 
     def stop(self) -> None:
-        self.thread.join()                      # a start under way finishes (or fails) first
+        self.server.stop()                      # a server still starting is stopped too
+        self.thread.join()                      # and its start then fails at once
         if self.endpoint is not None:
             self.endpoint.close()
-        self.server.stop()
 
 
 #: a fallback server shared by the worker processes of a node, started by their driver:
@@ -207,8 +209,13 @@ class ServerRegistry(Service):
                         "first (the preferred server, the others on failover), round_robin, "
                         "least_outstanding (fewest requests in flight from this process); a "
                         "producer's own 'balance' parameter overrides it")
-    fallback = Param(bool, True, doc="serve models that no server provides with a local "
-                     "recorun-server started and stopped by recorun")
+    fallback = Param(bool | None, None,
+                     doc="serve models that no server provides with a local recorun-server "
+                         "started and stopped by recorun. Default: on when no server is "
+                         "configured, off when servers are (a server that cannot be reached "
+                         "or lacks a model is then a configuration error, never replaced "
+                         "quietly); true: also when configured servers cannot serve a model, "
+                         "and in place of servers still down past a client's outage budget")
     fallback_options = Param(list[str], [], doc="extra recorun-server arguments for the "
                              "fallback server, e.g. ['--instances', '2']")
     fallback_timeout = Param(str | float, "180 s", doc="how long the fallback server may take "
@@ -218,6 +225,8 @@ class ServerRegistry(Service):
     def __init__(self, **params: Any):
         super().__init__(**params)
         self._specs = self._check_servers(self.servers)
+        if self.fallback is None:                # on only where nothing else can serve
+            self.fallback = not self._specs
         for name in ("fallback_timeout", "probe_timeout"):
             try:
                 setattr(self, f"{name}_s", parse_duration(getattr(self, name)))
@@ -263,6 +272,11 @@ class ServerRegistry(Service):
             ssl = server.get("ssl", False)
             if not isinstance(ssl, bool):
                 raise ParamError("servers", f"servers[{i}] ({name}): ssl must be true or false")
+            for key in SERVER_KEYS[3:]:
+                path = server.get(key)
+                if path is not None and not Path(str(path)).is_file():
+                    raise ParamError("servers", f"servers[{i}] ({name}): {key} {path}: no such "
+                                                f"file")
             specs.append({"name": name, "address": address, "ssl": ssl,
                           **{k: server.get(k) for k in SERVER_KEYS[3:]}})
         return specs
@@ -278,10 +292,19 @@ class ServerRegistry(Service):
                                         private_key=s["private_key"],
                                         certificate_chain=s["certificate_chain"])
                                for s in self._specs]
-            for ep in self._endpoints:
-                if not ep.probe(self.probe_timeout_s):
-                    LOG.warning("ServerRegistry: %s is not reachable (%s); skipped for this "
-                                "job", ep.label(), ep.problem)
+            unreachable = [ep for ep in self._endpoints if not ep.probe(self.probe_timeout_s)]
+            if unreachable and not self.fallback:
+                for ep in self._endpoints:
+                    ep.close()
+                self._endpoints = []
+                raise ConfigError(
+                    "ServerRegistry: " + "; ".join(f"{ep.label()} is not reachable "
+                                                   f"({ep.problem})" for ep in unreachable)
+                    + ": check the address (and that the server runs), or set "
+                      "'fallback: true' to go on without it", what="service")
+            for ep in unreachable:
+                LOG.warning("ServerRegistry: %s is not reachable (%s); skipped for this job "
+                            "(fallback: true)", ep.label(), ep.problem)
             self._begun = True
 
     def end_job(self) -> None:
@@ -383,15 +406,20 @@ class ServerRegistry(Service):
         if not chosen:
             where = "; ".join(problems) or "no servers are configured"
             if not self.fallback:
+                advice = ("set 'fallback: true' to serve it with a local recorun-server"
+                          if self._specs else "the fallback server is disabled")
                 raise ClientConfigError(f"model '{config.model}': no configured server serves "
-                                        f"it and the fallback server is disabled ({where})")
+                                        f"it ({where}); {advice}")
             if self._specs and config.model not in self._fallback_models:
                 LOG.warning("ServerRegistry: no configured server serves model '%s' (%s); the "
                             "local fallback server will", config.model, where)
             return TritonClient(config, [self._fallback_endpoint(config)],
                                 probe_timeout_s=self.probe_timeout_s, balance=self.balance)
+        replacement = ((lambda: self._fallback_endpoint(config))
+                       if self.fallback and self._specs else None)
         return TritonClient(config, chosen, description=description,
-                            probe_timeout_s=self.probe_timeout_s, balance=self.balance)
+                            probe_timeout_s=self.probe_timeout_s, balance=self.balance,
+                            replacement=replacement)
 
     # fallback ------------------------------------------------------------------------------
     def _fallback_endpoint(self, config: ClientConfig) -> FallbackEndpoint:

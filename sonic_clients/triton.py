@@ -38,12 +38,28 @@ on failover. Then it takes its turn again (a request finds out whether it is bac
 from it clears it at once. The counters per server (requests sent, answers, failed attempts)
 are in ``timing()["per_server"]``.
 
+Pauses, health and outages. A request sent again to the same server waits first
+(``backoff_s``, doubling with each try up to :data:`MAX_BACKOFF_S`, with jitter). A server that
+a request finds unreachable (:data:`UNREACHABLE`) is probed (:class:`Health`, shared by every
+client of the server): it is *down* when its probes fail too, and probed until it answers; new
+requests try healthy servers first. When a request has spent its tries on every server and
+some of them are down, it does not fail: it waits (no thread held in ``async`` mode) for one
+to come back, up to the client's outage budget (``outage_s``, 30 s by default), and is then
+sent there afresh. Past the budget its call fails with the reason, or, when the registry
+allows it (``fallback: true`` with servers configured), the local fallback server joins the
+client's servers and takes over. A server that answers its probes was not down (slow, or
+refusing that request): the call fails as before. ``timing()`` counts ``outage_waits``,
+``outage_wait_s`` and ``fallback_takeovers``.
+
 ``InferInput`` objects are reused: one per input name and thread (the request is serialized
 inside ``infer``/``async_infer``, so the object is free again when that call returns);
 ``InferRequestedOutput`` objects are made once per client.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -78,6 +94,8 @@ NOT_RETRYABLE = ("StatusCode.INVALID_ARGUMENT",)
 
 #: seconds a server that exhausted its tries is skipped by round_robin and least_outstanding
 DOWN_S = 5.0
+#: the longest pause between two tries of a request on one server
+MAX_BACKOFF_S = 2.0
 
 
 class _InFlight:
@@ -139,6 +157,134 @@ def status_of(error: BaseException) -> tuple[str, str]:
             str(message) if message is not None else str(error))
 
 
+#: gRPC statuses that say a server cannot be reached (or does not answer in time): an outage
+#: when the server's health probes fail too
+UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+#: how often a server marked down is probed: the first pause, then doubling up to the last
+PROBE_S = (0.1, 2.0)
+
+
+class Later:
+    """Calls ``fn()`` after ``delay`` seconds on one shared timer thread (retries' pauses and
+    outage deadlines of async requests: no thread is held while they wait)."""
+
+    def __init__(self):
+        self._heap: list = []
+        self._count = itertools.count()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, delay: float, fn: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (time.monotonic() + max(delay, 0.0), next(self._count), fn))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="sonic-timers")
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cond.wait(None if not self._heap else
+                                    self._heap[0][0] - time.monotonic())
+                _, _, fn = heapq.heappop(self._heap)
+            try:
+                fn()
+            except Exception:                          # pragma: no cover
+                LOG.exception("a SONIC timer callback failed")
+
+
+LATER = Later()
+
+
+class Health:
+    """Whether a server answers: a circuit breaker shared by every client of the server.
+
+    ``up`` until a request finds it unreachable (:data:`UNREACHABLE`); then ``suspect`` while a
+    first health probe (``is_server_ready``) runs, and ``down`` once a probe failed: it is then
+    probed again and again (:data:`PROBE_S`, doubling) until one succeeds or an answer comes,
+    and it is ``up`` again. A server whose probe succeeds was only slow or refused one request:
+    it stays up. ``watch(fn)`` calls ``fn()`` at the next change."""
+
+    def __init__(self, endpoint: Endpoint):
+        self._endpoint = endpoint
+        self._cond = threading.Condition()
+        self.state = "up"
+        self.down_since = 0.0
+        self.outages = 0
+        self._watchers: list = []
+        self._closed = False
+
+    def failed(self, timeout_s: float) -> None:
+        """A request found the server unreachable: probe it (unless already being probed)."""
+        with self._cond:
+            if self.state != "up" or self._closed:
+                return
+            self._set("suspect")
+            self.down_since = time.monotonic()
+        threading.Thread(target=self._probe, args=(timeout_s,), daemon=True,
+                         name=f"probe-{self._endpoint.name}").start()
+
+    def answered(self) -> None:
+        with self._cond:
+            if self.state != "up":
+                self._set("up")
+
+    def _set(self, state: str) -> None:
+        """With the condition held."""
+        self.state = state
+        watchers, self._watchers = self._watchers, []
+        self._cond.notify_all()
+        for fn in watchers:
+            LATER(0.0, fn)
+
+    def watch(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (on the timer thread) at the next change of state."""
+        with self._cond:
+            self._watchers.append(fn)
+
+    def wait_change(self, state: str, timeout_s: float) -> None:
+        """Block while the state is ``state``, at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.state == state and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
+
+    def _probe(self, timeout_s: float) -> None:
+        pause = PROBE_S[0]
+        while True:
+            with self._cond:
+                if self.state == "up" or self._closed:
+                    return
+            try:
+                ready = bool(self._endpoint.grpc().is_server_ready(
+                    client_timeout=min(timeout_s, 2.0)))
+            except Exception:
+                ready = False
+            with self._cond:
+                if ready:
+                    if self.state != "up":
+                        self._set("up")
+                    return
+                if self.state == "suspect":
+                    self.outages += 1
+                    LOG.warning("%s is down (no answer to health probes); requests wait for "
+                                "it within their outage budget", self._endpoint.label())
+                    self._set("down")
+                self._cond.wait(pause)
+            pause = min(pause * 2, PROBE_S[1])
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
 class Endpoint:
     """One Triton server: a name, ``host:port``, TLS options, one shared gRPC client.
 
@@ -160,6 +306,7 @@ class Endpoint:
         self._descriptions: dict[tuple[str, str], ModelDescription | BaseException] = {}
         self.live: bool | None = None
         self.problem = ""
+        self.health = Health(self)
 
     @property
     def address(self) -> str:
@@ -269,6 +416,7 @@ class Endpoint:
                                  "platform": meta.get("platform", "")})
 
     def close(self) -> None:
+        self.health.close()
         with self._lock:
             client, self._client = self._client, None
             self._descriptions.clear()
@@ -280,15 +428,21 @@ class Endpoint:
 
 
 class _Route:
-    """Where one request goes next: the servers in this client's order, tries per server."""
+    """Where one request goes next: the servers in this client's order, tries per server, and
+    the outage it may be waiting out (``deadline``, the servers it saw down)."""
 
-    __slots__ = ("attempts", "endpoints", "index", "tries_here")
+    __slots__ = ("attempts", "endpoints", "index", "tries_here", "deadline", "seen_down",
+                 "waited_s", "waiting")
 
-    def __init__(self, endpoints: Sequence[Endpoint]):
+    def __init__(self, endpoints: Sequence[Endpoint], attempts: list | None = None):
         self.endpoints = list(endpoints)
         self.index = 0
         self.tries_here = 0
-        self.attempts: list[Attempt] = []
+        self.attempts: list[Attempt] = attempts if attempts is not None else []
+        self.deadline: float | None = None
+        self.seen_down: set = set()
+        self.waited_s = 0.0
+        self.waiting = 0                      # the current wait's token (async)
 
     @property
     def endpoint(self) -> Endpoint:
@@ -306,8 +460,10 @@ class TritonClient(SonicClient):
 
     def __init__(self, config: ClientConfig, endpoints: Sequence[Endpoint | str], *,
                  description: ModelDescription | None = None, probe_timeout_s: float = 5.0,
-                 balance: str = "first"):
+                 balance: str = "first", replacement: Callable[[], Endpoint] | None = None):
         super().__init__(config)
+        self._replacement = replacement          # the fallback server, past the budget
+        self._fallback: Endpoint | None = None
         self.balance = self.config.balance or balance or "first"
         if self.balance not in BALANCES:
             raise ClientConfigError(f"model '{self.config.model}': balance {self.balance!r} is "
@@ -405,7 +561,14 @@ class TritonClient(SonicClient):
         return {name: result.as_numpy(name) for name in self.description.outputs}
 
     def _route(self) -> _Route:
-        """The order of servers for a new request, by the balancing policy."""
+        """The order of servers for a new request, by the balancing policy; servers whose
+        health is not ``up`` (the circuit breaker, :class:`Health`) come last."""
+        route = self._policy_route()
+        if len(route.endpoints) > 1:
+            route.endpoints.sort(key=lambda ep: ep.health.state != "up")     # stable
+        return route
+
+    def _policy_route(self) -> _Route:
         with self._order_lock:
             endpoints = list(self.endpoints)
             if self.balance == "first" or len(endpoints) < 2:
@@ -435,25 +598,29 @@ class TritonClient(SonicClient):
 
     def _answered(self, endpoint: Endpoint) -> None:
         self._count(endpoint, "answers")
+        endpoint.health.answered()
         if self._down_until:
             with self._order_lock:
                 self._down_until.pop(endpoint, None)
 
-    def _failed(self, route: _Route, error: BaseException) -> bool:
-        """Record a failed attempt; True when the request should be sent again (to
-        ``route.endpoint``), False when the call has failed."""
+    def _failed(self, route: _Route, error: BaseException) -> str:
+        """Record a failed attempt; ``"again"`` when the request should be sent again (to
+        ``route.endpoint``, after :meth:`pause`), ``"outage"`` when every server is spent but
+        some may be down (:meth:`_outage`), ``"fail"`` when the call has failed."""
         ep = route.endpoint
         status, message = status_of(error)
         self._count(ep, "failed")
         route.attempts.append(Attempt(ep.name, ep.address, status, message))
         route.tries_here += 1
         if status in NOT_RETRYABLE:
-            return False
+            return "fail"
+        if status in UNREACHABLE:
+            ep.health.failed(self.probe_timeout_s)
         if route.tries_here < self.config.tries:
             self.stats.add(retries=1)
             LOG.debug("model '%s': %s failed (%s: %s); try %d of %d", self.config.model,
                       ep.label(), status, message, route.tries_here + 1, self.config.tries)
-            return True
+            return "again"
         self._demote(ep)
         if route.index + 1 < len(route.endpoints):
             route.index += 1
@@ -462,8 +629,81 @@ class TritonClient(SonicClient):
             LOG.warning("model '%s': %s failed %d time(s) (last %s: %s); failing over to %s",
                         self.config.model, ep.label(), self.config.tries, status, message,
                         route.endpoint.label())
-            return True
-        return False
+            return "again"
+        return "outage" if self.config.outage_s > 0 else "fail"
+
+    def pause(self, route: _Route) -> float:
+        """The pause before a request is sent again: none on a new server; on the same one
+        ``backoff_s`` doubled with each try, at most :data:`MAX_BACKOFF_S`, with full jitter
+        (so that clients that failed together do not retry together)."""
+        if route.tries_here == 0 or self.config.backoff_s <= 0:
+            return 0.0
+        ceiling = min(self.config.backoff_s * 2 ** (route.tries_here - 1), MAX_BACKOFF_S)
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _outage(self, route: _Route) -> str:
+        """Every server of the request is spent. ``"resume"``: a server it saw down is back
+        (the request starts afresh on it; a server past the budget replaced by the fallback
+        server counts too); ``"wait"``: some server is down or being probed, within the
+        outage budget; ``"fail"``: every server answers its probes (the failures were not an
+        outage), or the budget is spent."""
+        now_s = time.monotonic()
+        if route.deadline is None:
+            route.deadline = now_s + self.config.outage_s
+        for ep in route.endpoints:
+            if ep.health.state == "down":
+                route.seen_down.add(ep)
+        back = [ep for ep in route.endpoints if ep in route.seen_down
+                and ep.health.state == "up"]
+        if back:
+            self._restart(route, back)
+            return "resume"
+        if all(ep.health.state == "up" for ep in route.endpoints):
+            return "fail"
+        if now_s < route.deadline:
+            return "wait"
+        replacement = self._take_over(route)
+        if replacement is not None:
+            self._restart(route, [replacement])
+            return "resume"
+        return "fail"
+
+    def _restart(self, route: _Route, first: list[Endpoint]) -> None:
+        """Send the request again, to ``first`` (fresh tries), then to the others."""
+        waited = time.monotonic() - (route.deadline - self.config.outage_s)
+        self.stats.add(outage_waits=1, outage_wait_s=max(waited, 0.0))
+        rest = [ep for ep in self._route().endpoints if ep not in first]
+        route.endpoints = list(first) + rest
+        route.index = route.tries_here = 0
+        route.deadline = None
+        route.seen_down = set()
+
+    def _take_over(self, route: _Route) -> Endpoint | None:
+        """Past the outage budget, with a registry that allows it (``fallback: true``): the
+        local fallback server joins this client's servers, said in the log and the report."""
+        if self._replacement is None:
+            return None
+        with self._order_lock:
+            if self._fallback is None:
+                try:
+                    self._fallback = self._replacement()
+                except Exception as exc:           # e.g. the server extra is missing
+                    LOG.error("model '%s': the local fallback server cannot take over: %s",
+                              self.config.model, exc)
+                    self._replacement = None
+                    return None
+                self.endpoints.append(self._fallback)
+                LOG.warning("model '%s': every server was down for %.0f s (outage budget): the "
+                            "local fallback server takes over", self.config.model,
+                            self.config.outage_s)
+                self.stats.add(fallback_takeovers=1)
+            return self._fallback
+
+    def _outage_reason(self, route: _Route) -> str:
+        if all(ep.health.state == "up" for ep in route.endpoints):
+            return ""
+        return (f"every server of the model was down for {self.config.outage_s:g} s, the "
+                f"outage budget (outage_budget)")
 
     def _error(self, route: _Route, reason: str = "") -> InferenceError:
         return InferenceError(self.config.model, self.config.version, route.attempts,
@@ -545,10 +785,43 @@ class TritonClient(SonicClient):
             return
         if self._ended:
             call.fail(self._error(route, "the client ended"))
-        elif self._failed(route, error):
-            self._send_async(call, index, arrays, route)
+            return
+        action = self._failed(route, error)
+        if action == "again":
+            LATER(self.pause(route), lambda: self._send_async(call, index, arrays, route))
+        elif action == "outage":
+            self._outage_async(call, index, arrays, route)
         else:
             call.fail(self._error(route))
+
+    def _outage_async(self, call: Call, index: int, arrays, route: _Route) -> None:
+        """Wait out an outage without holding a thread: at the next change of a server's
+        health or at the deadline, whichever comes first, decide again."""
+        if call.finished or self._ended:
+            if not call.finished:
+                call.fail(self._error(route, "the client ended"))
+            return
+        try:
+            action = self._outage(route)
+        except Exception as exc:                   # on the timer thread: fail, never hang
+            call.fail(exc)
+            return
+        if action == "resume":
+            self._send_async(call, index, arrays, route)
+            return
+        if action == "fail":
+            call.fail(self._error(route, self._outage_reason(route)))
+            return
+        route.waiting += 1
+        token = route.waiting
+
+        def again():
+            if route.waiting == token:             # the first of the health change and the
+                route.waiting += 1                 # deadline decides; the other is stale
+                self._outage_async(call, index, arrays, route)
+        for ep in route.endpoints:
+            ep.health.watch(again)
+        LATER(route.deadline - time.monotonic() + 0.01, again)
 
     # sync and pseudo-async -----------------------------------------------------------------
     def _run_blocking(self, call: Call, chunks: list[Chunk]) -> None:
@@ -589,9 +862,29 @@ class TritonClient(SonicClient):
                     if self._ended:
                         call.fail(self._error(route, "the client ended"))
                         return
-                    if not self._failed(route, exc):
-                        call.fail(self._error(route))
+                    action = self._failed(route, exc)
+                    if action == "again":
+                        time.sleep(self.pause(route))
+                    elif action == "outage" and self._outage_blocking(route):
+                        continue
+                    elif action != "again":
+                        call.fail(self._error(route, self._outage_reason(route)
+                                              if action == "outage" else ""))
                         return
+
+    def _outage_blocking(self, route: _Route) -> bool:
+        """Wait out an outage in this thread (sync, pseudo-async); True to send again."""
+        while not self._ended:
+            action = self._outage(route)
+            if action != "wait":
+                return action == "resume"
+            states = {ep: ep.health.state for ep in route.endpoints}
+            waiting = next((ep for ep, s in states.items() if s != "up"), None)
+            left = route.deadline - time.monotonic()
+            if waiting is None or left <= 0:
+                continue
+            waiting.health.wait_change(states[waiting], min(left, 0.5))
+        return False
 
     # server-side time -----------------------------------------------------------------------
     def _take_baseline(self, endpoint: Endpoint) -> None:

@@ -236,3 +236,60 @@ def triton_server(tmp_path_factory):
     code = server.stop(_signal.SIGTERM)
     assert code == 0, f"recorun-server exited with {code} on SIGTERM:\n{server.log()[-4000:]}"
     assert server.rest_of_stdout == "", "recorun-server printed more than its READY line"
+
+
+# --- fault injection for chunked jobs (worker processes, Dask workers) ----------------------
+
+FAULTS = '''
+"""Fault and latency injection for the tests of chunked jobs (tests/conftest.py)."""
+import os
+import time
+import uuid
+from pathlib import Path
+
+from recorun import Analyzer, Concurrency, Param
+
+
+class FaultInjectingAnalyzer(Analyzer):
+    """Fault injection: raises on event number ``fail_event`` (-1: never), leaving a file in
+    ``record`` each time; injected latency: sleeps ``sleep_s`` per event."""
+
+    concurrency = Concurrency.SHARED
+    fail_event = Param(int, -1, doc="event number on which it raises (-1: none)")
+    sleep_s = Param(float, 0.0, doc="injected latency per event, s")
+    record = Param(str, "", doc="folder for a file per raised fault")
+
+    def analyze(self, event):
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if event.id.event == self.fail_event:
+            if self.record:
+                Path(self.record, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
+            raise RuntimeError(f"injected fault on event {event.id.event}")
+'''
+
+
+
+@pytest.fixture(scope="session")
+def fault_injection(tmp_path_factory):
+    """``fault(**params)``: the ``--set`` options that add ``FaultInjectingAnalyzer`` (raise on
+    an event number, or sleep per event) to the end path ``out``. Its module is written to a
+    folder put on this process's path and on PYTHONPATH, for the worker processes."""
+    import json as _json
+
+    folder = tmp_path_factory.mktemp("fault_injection")
+    (folder / "chunk_faults.py").write_text(FAULTS)
+    _sys.path.insert(0, str(folder))
+    old = _os.environ.get("PYTHONPATH")
+    _os.environ["PYTHONPATH"] = _os.pathsep.join(p for p in (str(folder), old) if p)
+
+    def fault(**params) -> list[str]:
+        values = ", ".join(f"{k}: {_json.dumps(v)}" for k, v in params.items())
+        return ["--set", f"modules.fault={{type: 'chunk_faults:FaultInjectingAnalyzer', "
+                         f"{values}}}", "--set", "endpaths.out=[output, fault]"]
+    yield fault
+    _sys.path.remove(str(folder))
+    if old is None:
+        _os.environ.pop("PYTHONPATH", None)
+    else:
+        _os.environ["PYTHONPATH"] = old

@@ -398,6 +398,7 @@ def test_client_side_failover_when_a_balanced_server_dies(servers, inputs_and_wa
             time.sleep(0.02)
         results = collector.wait(len(clients) * sent, timeout=60)
         timings = {tag: client.timing() for tag, client in clients.items()}
+        victim_state = registry._endpoints[0].health.state
     finally:
         registry.end_job()
     assert killed_at is not None and 5 < killed_at < sent - 10
@@ -408,9 +409,13 @@ def test_client_side_failover_when_a_balanced_server_dies(servers, inputs_and_wa
         per = timing["per_server"]
         assert per["victim"]["answers"] > 0 and per["a"]["answers"] > 0, (tag, per)
         assert per["victim"]["answers"] + per["a"]["answers"] == sent, (tag, per)
-        assert per["victim"]["failed"] >= 1 and timing["failures"] == 0, (tag, timing)
+        assert timing["failures"] == 0, (tag, timing)
         # after the kill, new requests start on 'a': the victim gets few more tries
         assert per["victim"]["requests"] - per["victim"]["answers"] <= 2 * 12, (tag, per)
+    # the clients share the victim's health: the first to find it dead has it probed, and
+    # then every client sends to 'a' first; someone met the failure
+    assert sum(t["per_server"]["victim"]["failed"] for t in timings.values()) >= 1
+    assert victim_state == "down"
     answered_by_a = sum(t["per_server"]["a"]["answers"] for t in timings.values())
     assert served_since(before, answered_by_a)["a"] == answered_by_a
     assert victim.process.wait(30) != 0          # recorun-server noticed tritonserver died

@@ -392,7 +392,7 @@ def test_sigint_stops_the_job_exits_130_and_still_reports(workdir):
     err = stderr_path.read_text()
     assert proc.returncode == 130, err
     assert "Traceback" not in err, err
-    assert "interrupted; finishing the" in err, err
+    assert "SIGINT: finishing the" in err and "events in flight" in err, err
     assert re.search(r"recorun: stopped \(interrupted\): \d+ events not read "
                      r"\(event indices \d+ to 99999\)", err), err
     assert "TrigReport" in stdout

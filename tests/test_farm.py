@@ -3,9 +3,9 @@
 One ``LocalCluster`` of 2 worker processes (1 thread each, with nannies) serves the module; the
 farm runs call ``recorun.framework.cli.main`` in this process with ``--scheduler-address``. The
 workflow is the nominal HLT (CPU only) on the 100-event sample, cut into chunks of 25 entries;
-the reference is one single-process run of the same workflow. The fault and latency injection
-(``FaultInjectingAnalyzer``) is written to ``farm_faults.py`` in a temporary folder on the
-driver's and the workers' path, and added to the workflow's end path with ``--set``.
+the reference is one single-process run of the same workflow. Faults and latency are injected
+by ``FaultInjectingAnalyzer`` (the ``fault_injection`` fixture of conftest.py, on the driver's
+and the workers' path), added to the workflow's end path with ``--set``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import json
 import os
 import pickle
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -41,51 +40,10 @@ CHUNK = ["--chunk-size", "25"]
 
 pytestmark = pytest.mark.dask
 
-FAULTS = '''
-"""Fault and latency injection for tests/test_farm.py."""
-import os
-import time
-import uuid
-from pathlib import Path
-
-from recorun import Analyzer, Concurrency, Param
-
-
-class FaultInjectingAnalyzer(Analyzer):
-    """Fault injection: raises on event number ``fail_event`` (-1: never), leaving a file in
-    ``record`` for each time it does; injected latency: sleeps ``sleep_s`` per event."""
-
-    concurrency = Concurrency.SHARED
-    fail_event = Param(int, -1, doc="event number on which it raises (-1: none)")
-    sleep_s = Param(float, 0.0, doc="injected latency per event, s")
-    record = Param(str, "", doc="folder for a file per raised fault")
-
-    def analyze(self, event):
-        if self.sleep_s:
-            time.sleep(self.sleep_s)
-        if event.id.event == self.fail_event:
-            if self.record:
-                Path(self.record, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
-            raise RuntimeError(f"injected fault on event {event.id.event}")
-'''
-
-
-def fault(**params) -> list[str]:
-    """--set options that add the FaultInjectingAnalyzer to the end path 'out'."""
-    values = ", ".join(f"{k}: {json.dumps(v)}" for k, v in params.items())
-    return ["--set", f"modules.fault={{type: 'farm_faults:FaultInjectingAnalyzer', {values}}}",
-            "--set", "endpaths.out=[output, fault]"]
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """(LocalCluster, Client); ``farm_faults`` importable here and on the workers."""
+def cluster(fault_injection):
+    """(LocalCluster, Client); the fault module importable on the workers (PYTHONPATH)."""
     from distributed import Client, LocalCluster
-    helpers = tmp_path_factory.mktemp("farm_helpers")
-    (helpers / "farm_faults.py").write_text(FAULTS)
-    sys.path.insert(0, str(helpers))
-    old_pythonpath = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(helpers), old_pythonpath) if p)
     cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                            dashboard_address=None)
     client = Client(cluster)
@@ -94,11 +52,6 @@ def cluster(tmp_path_factory):
     finally:
         client.close()
         cluster.close()
-        sys.path.remove(str(helpers))
-        if old_pythonpath is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old_pythonpath
 
 
 @pytest.fixture(scope="module")
@@ -257,10 +210,10 @@ def test_farm_output_and_report_equal_a_single_process_run(cluster, reference, t
     assert not Path(f"{out}.parts").exists()
 
 
-def test_a_killed_worker_loses_no_event(cluster, reference, tmp_path):
+def test_a_killed_worker_loses_no_event(cluster, reference, tmp_path, fault_injection):
     _, client = cluster
     out, report_json = tmp_path / "farm.root", tmp_path / "farm.json"
-    args = on_farm(cluster, *CHUNK, *fault(sleep_s=0.03), "--set",
+    args = on_farm(cluster, *CHUNK, *fault_injection(sleep_s=0.03), "--set",
                    f"modules.output.file={out}", "--report-json", str(report_json), "-q")
     box: dict = {}
     driver = threading.Thread(target=lambda: box.update(code=main(args)), daemon=True)
@@ -292,12 +245,12 @@ def test_a_killed_worker_loses_no_event(cluster, reference, tmp_path):
 
 
 def test_a_failing_chunk_stops_the_farm_and_resubmit_completes_the_run(
-        cluster, reference, tmp_path, capsys):
+        cluster, reference, tmp_path, capsys, fault_injection):
     event = int(uproot.open(SAMPLE)["Events"]["event"].array(library="np")[30])   # chunk 1
     record = tmp_path / "faults"
     record.mkdir()
     out, report_json = tmp_path / "farm.root", tmp_path / "farm.json"
-    code = main(on_farm(cluster, *CHUNK, *fault(fail_event=event, record=str(record)),
+    code = main(on_farm(cluster, *CHUNK, *fault_injection(fail_event=event, record=str(record)),
                         "--set", f"modules.output.file={out}", "--report-json",
                         str(report_json)))
     err = capsys.readouterr().err

@@ -2,9 +2,9 @@
 
 The workflow is the nominal HLT (CPU only) on the 100-event sample, in chunks of 25 events; the
 reference is one single-process run of the same workflow. Faults and latency are injected by
-``FaultInjectingAnalyzer`` (a test module written to a folder on the workers' PYTHONPATH, added
-to the end path with ``--set``): it raises on one event number, or sleeps per event so that a
-test can act while chunks run.
+``FaultInjectingAnalyzer`` (the ``fault_injection`` fixture, added to the end path with
+``--set``): it raises on one event number, or sleeps per event so that a test can act while
+chunks run.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import uproot
 
 from recorun.data.layout import read_shapes
 from recorun.framework.cli import main
-from recorun.framework.errors import EXIT_INTERRUPTED, EXIT_MODULE
+from recorun.framework.errors import EXIT_MODULE
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = str(REPO / "workflows" / "workflow_hlt_nominal.yaml")
@@ -60,29 +60,6 @@ class FaultInjectingAnalyzer(Analyzer):
 '''
 
 pytestmark = pytest.mark.subprocess
-
-
-@pytest.fixture(scope="module")
-def helpers(tmp_path_factory):
-    """``chunk_faults`` importable here and in the worker processes (PYTHONPATH)."""
-    folder = tmp_path_factory.mktemp("chunk_helpers")
-    (folder / "chunk_faults.py").write_text(FAULTS)
-    sys.path.insert(0, str(folder))
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), old) if p)
-    yield folder
-    sys.path.remove(str(folder))
-    if old is None:
-        os.environ.pop("PYTHONPATH", None)
-    else:
-        os.environ["PYTHONPATH"] = old
-
-
-def fault(**params) -> list[str]:
-    """--set options that add the FaultInjectingAnalyzer to the end path 'out'."""
-    values = ", ".join(f"{k}: {json.dumps(v)}" for k, v in params.items())
-    return ["--set", f"modules.fault={{type: 'chunk_faults:FaultInjectingAnalyzer', {values}}}",
-            "--set", "endpaths.out=[output, fault]"]
 
 
 @pytest.fixture(scope="module")
@@ -155,9 +132,11 @@ def run_in_thread(args) -> tuple[threading.Thread, dict]:
     return driver, box
 
 
-def test_a_killed_worker_process_loses_no_event(helpers, reference, tmp_path, capsys):
+def test_a_killed_worker_process_loses_no_event(fault_injection, reference, tmp_path, capsys):
+    """SIGKILL to a worker in the middle of its chunk: the chunk runs again on another worker,
+    a new process takes the dead one's place, the output is a one-process run's."""
     out, report_json = tmp_path / "two.root", tmp_path / "two.json"
-    driver, box = run_in_thread([WORKFLOW, "-p", "2", *CHUNK, *fault(sleep_s=0.05), "--set",
+    driver, box = run_in_thread([WORKFLOW, "-p", "2", *CHUNK, *fault_injection(sleep_s=0.05), "--set",
                                  f"modules.output.file={out}", "--report-json",
                                  str(report_json)])
     victim, deadline = None, time.monotonic() + 60
@@ -177,16 +156,20 @@ def test_a_killed_worker_process_loses_no_event(helpers, reference, tmp_path, ca
     assert report["chunked"]["chunks_done"] == 4
     assert_same_file(out, reference[0])
     assert report["events"] == reference[1]["events"]
-    assert len(report["chunked"]["workers"]) == 1              # the survivor's report
+    chunked = report["chunked"]
+    assert chunked["replaced_workers"] == 1 and report["processes"] == 2  # a new process took
+    workers = chunked["workers"]                                         # the dead one's place
+    assert victim.pid not in [w["pid"] for w in workers if not w.get("died")]
+    assert sum(w["events"] for w in workers) == 100
 
 
-def test_a_module_error_stops_the_job_and_resubmit_completes_it(helpers, reference, tmp_path,
+def test_a_module_error_stops_the_job_and_resubmit_completes_it(fault_injection, reference, tmp_path,
                                                                  capsys):
     event = int(uproot.open(SAMPLE)["Events"]["event"].array(library="np")[30])   # chunk 1
     record = tmp_path / "faults"
     record.mkdir()
     out, report_json = tmp_path / "two.root", tmp_path / "two.json"
-    code = main([WORKFLOW, "-p", "2", *CHUNK, *fault(fail_event=event, record=str(record)),
+    code = main([WORKFLOW, "-p", "2", *CHUNK, *fault_injection(fail_event=event, record=str(record)),
                  "--set", f"modules.output.file={out}", "--report-json", str(report_json)])
     err = capsys.readouterr().err
     assert code == EXIT_MODULE, err
@@ -216,20 +199,21 @@ def test_a_module_error_stops_the_job_and_resubmit_completes_it(helpers, referen
     assert not Path(f"{out}.parts").exists()
 
 
-def test_sigterm_drains_the_workers_and_writes_the_report(helpers, tmp_path):
+def test_sigterm_drains_the_workers_and_writes_the_report(fault_injection, tmp_path):
     report_json, out = tmp_path / "term.json", tmp_path / "term.root"
-    env = {**os.environ, "PYTHONPATH": os.environ["PYTHONPATH"]}
+    env = os.environ.copy()                            # with the fault module's folder
     job = subprocess.Popen([str(Path(sys.executable).with_name("recorun")), WORKFLOW, "-p", "2",
-                            *CHUNK, *fault(sleep_s=0.1), "--set", f"modules.output.file={out}",
+                            *CHUNK, *fault_injection(sleep_s=0.1), "--set", f"modules.output.file={out}",
                             "--report-json", str(report_json)], cwd=tmp_path, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(6)                                      # workers up, first chunks under way
     job.send_signal(signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=120)
-    assert job.returncode == EXIT_INTERRUPTED, stderr
+    assert job.returncode == 143, stderr                       # 128 + SIGTERM
     assert "SIGTERM: no new chunks" in stderr
     report = json.loads(report_json.read_text())
-    assert report["stop_reason"] == "interrupted" and report["exit_code"] == EXIT_INTERRUPTED
+    assert report["stop_reason"] == "interrupted" and report["exit_code"] == 143
+    assert report["signal"] == "SIGTERM"
     read = report["events"]["read"]
     assert 0 < read < 100 and f"{100 - read} events were not processed" in \
         report["not_processed"]

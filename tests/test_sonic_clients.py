@@ -491,12 +491,13 @@ def test_fallback_server_never_outlives_the_job(tmp_path):
     shutil.rmtree(servers[signal.SIGKILL][1].parent, ignore_errors=True)   # no atexit there
 
 
-def test_unreachable_and_unserving_servers_are_skipped(small_server, caplog):
-    """'dead' is not reachable (skipped, with a warning); 'small' serves FACILE but not
-    DeepCalo: FACILE goes to 'small', DeepCalo to the fallback server."""
+def test_unreachable_and_unserving_servers_are_skipped_with_fallback_true(small_server, caplog):
+    """With ``fallback: true`` set: 'dead' is not reachable (skipped, with a warning); 'small'
+    serves FACILE but not DeepCalo: FACILE goes to 'small', DeepCalo to the fallback server."""
     dead = f"127.0.0.1:{free_port()}"
     reg = ServerRegistry(servers=[{"name": "dead", "address": dead},
-                                  {"name": "small", "address": small_server.grpc}])
+                                  {"name": "small", "address": small_server.grpc}],
+                         fallback=True)
     with caplog.at_level(logging.WARNING, logger="recorun.sonic_clients"):
         reg.begin_job()
         facile = reg.client_for(ClientConfig("facile", server="dead"))
@@ -542,18 +543,32 @@ def test_a_fallback_server_that_cannot_start_fails_the_calls_clearly(capfd):
         reg.end_job()
 
 
-def test_no_server_and_fallback_disabled_is_a_clear_error(small_server):
+def test_configured_servers_are_never_replaced_quietly(small_server, tmp_path):
+    """Servers configured and ``fallback`` not set: an unreachable server, a model no server
+    has, a certificate that does not exist are configuration errors naming them."""
+    from recorun import ConfigError
+    from recorun.framework.params import ParamError
+
     dead = f"127.0.0.1:{free_port()}"
     reg = ServerRegistry(servers=[{"name": "dead", "address": dead},
-                                  {"name": "small", "address": small_server.grpc}],
-                         fallback=False)
-    with pytest.raises(ClientConfigError) as caught:
-        reg.client_for(ClientConfig("deepcalo"))
+                                  {"name": "small", "address": small_server.grpc}])
+    with pytest.raises(ConfigError) as caught:
+        reg.client_for(ClientConfig("facile"))
     message = str(caught.value)
-    assert "model 'deepcalo'" in message and "fallback server is disabled" in message
     assert f"server 'dead' ({dead}) is not reachable" in message
-    assert "server 'small'" in message and "does not serve model 'deepcalo'" in message
+    assert "fallback: true" in message
     reg.end_job()
+    small = ServerRegistry(servers=[{"name": "small", "address": small_server.grpc}])
+    with pytest.raises(ClientConfigError) as caught:
+        small.client_for(ClientConfig("deepcalo"))
+    message = str(caught.value)
+    assert "model 'deepcalo'" in message and "set 'fallback: true'" in message
+    assert "server 'small'" in message and "does not serve model 'deepcalo'" in message
+    assert not small.fallback_servers()
+    small.end_job()
+    with pytest.raises(ParamError, match=r"root_certificates .*ca\.pem: no such file"):
+        ServerRegistry(servers=[{"name": "tls", "address": "h:1", "ssl": True,
+                                 "root_certificates": str(tmp_path / "ca.pem")}])
 
 
 # --- failures: retries, failover, timeouts ---------------------------------------------------
@@ -590,8 +605,10 @@ def test_failover_and_exhausted_tries_when_a_server_dies(victim, triton_server):
     config = {"model": "facile", "server": "victim", "tries": 3, "timeout_s": "5 s"}
     a_async = both.client_for(ClientConfig(**config, mode="async"))
     a_sync = both.client_for(ClientConfig(**config, mode="sync"))
-    b_async = alone.client_for(ClientConfig(**config, mode="async"))
-    b_pseudo = alone.client_for(ClientConfig(**config, mode="pseudo-async"))
+    # no outage budget: the calls fail once the tries are spent (waiting out an outage is
+    # test_a_server_restarted_within_the_outage_budget_loses_no_event)
+    b_async = alone.client_for(ClientConfig(**config, mode="async", outage_s=0))
+    b_pseudo = alone.client_for(ClientConfig(**config, mode="pseudo-async", outage_s=0))
     assert a_async.servers()[0].startswith("server 'victim'")
     inputs = batch("facile", 500, seed=9)
     want = reference("facile", inputs)
@@ -609,10 +626,16 @@ def test_failover_and_exhausted_tries_when_a_server_dies(victim, triton_server):
             sent += 1
             time.sleep(0.02)
         results = collector.wait(3 * sent, timeout=60)
-        # a sync client made before the kill still starts with 'victim', then fails over
+        # 'victim' failed its health probes: a sync client made before the kill starts on
+        # 'main' now (the circuit breaker), no retry, no failover
+        deadline = time.monotonic() + 10
+        while a_async.endpoints[0].health.state != "down" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [ep.health.state for ep in a_sync.endpoints] == ["down", "up"]
         got = a_sync.infer_blocking(inputs)["energy"]
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-        assert a_sync.timing()["failovers"] == 1 and a_sync.timing()["retries"] == 2
+        assert a_sync.timing()["failovers"] == 0 and a_sync.timing()["retries"] == 0
+        assert a_sync.timing()["per_server"]["main"]["answers"] == 1
     finally:
         for client in (a_async, a_sync):
             both.release(client)
@@ -764,11 +787,10 @@ def test_in_a_workflow_a_dead_server_fails_the_event_with_a_clear_error(recorder
                    "energy": {"type": ToySonicFacile},
                    "record": {"type": Record, "recorder": recorder}},
                   {"p": ["record"]}, events=3)
-    wf["services"] = {"sonic": {"type": "ServerRegistry", "fallback": False,
-                                "servers": [{"name": "gone",
-                                             "address": f"127.0.0.1:{free_port()}"}]}}
+    gone = f"127.0.0.1:{free_port()}"
+    wf["services"] = {"sonic": {"type": "ServerRegistry",
+                                "servers": [{"name": "gone", "address": gone}]}}
     result = run_guarded(wf, timeout=60)
-    assert result.exit_code != 0 and recorder.where() == []
+    assert result.exit_code == 2 and recorder.where() == []
     text = str(result.error)
-    assert "model 'facile'" in text and "fallback server is disabled" in text
-    assert "begin_job" in text and "energy" in text
+    assert f"server 'gone' ({gone}) is not reachable" in text and "fallback: true" in text
