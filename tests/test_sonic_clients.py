@@ -285,8 +285,10 @@ def test_triton_matches_inprocess(registry, model, rows, mode):
         np.testing.assert_allclose(outputs[OUTPUT[model]], want, rtol=RTOL, atol=ATOL)
         if mode == "sync":
             assert thread == threading.current_thread().name
-        else:
+        elif mode == "pseudo-async":
             assert thread != threading.current_thread().name
+        # async: gRPC's thread calls back, or this one when the answer is in before the
+        # callback is registered (a future already done runs it at once): either may be seen
         timing = client.timing()
         requests = -(-rows // described["max_batch_size"])      # 'small' serves FACILE too
         assert timing["calls"] == 1 and timing["requests"] == requests
