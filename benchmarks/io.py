@@ -45,6 +45,12 @@ grid) written by ``RootOutput`` (TTree, ZSTD(1)) through ``run_workflow`` on an
 
 On both inputs the two sides' checksums (and event counts) must agree.
 
+**RootSource's own cost per event** (``source_own_us_per_event``), on the small input:
+RootSource alone, outside any job (``select_products`` of the five products, ``open``, then
+``next_event`` until the end, prefetch off so that everything runs on the timed thread), minus
+plain ``uproot.iterate`` over the same eight branches with nothing done per event, over the
+number of events: what RootSource adds to reading (per-event products and the Event).
+
 **Writing** (RootOutput: TTree, ZSTD(1), ``flush_events`` 1000; the time is the whole job,
 file close included): a job on an EmptySource whose only producer hands out products
 prepared in memory before the timing, written by RootOutput.
@@ -56,7 +62,18 @@ prepared in memory before the timing, written by RootOutput.
   ``output_hlt_mb_per_s``).
 
 For scale, plain uproot writing the same columns (``mktree`` + ``extend`` 1000 events at a
-time, ZSTD(1)) is timed too, for both.
+time, ZSTD(1)) is timed too, for both (``output_vs_uproot_write``,
+``output_hlt_vs_uproot_write``: plain uproot's time over the whole job's).
+
+Those whole-job figures include the framework's per-event cost (source, scheduler, the Replay
+producer). **RootOutput's own cost** is the time of the job minus the time of the same job
+without RootOutput: the Replay producer alone, on a path, run side by side with (c) and (d)
+(``output_own_vs_uproot_write``, ``output_hlt_own_vs_uproot_write``: plain uproot's time over
+RootOutput's own; ``output_own_s``, ``output_hlt_own_s``). It includes what the framework
+spends calling an output module on an end path for each event (and running the producer on
+demand for it rather than on a path); that part alone is shown by a third job, an output
+module that reads the products and writes nothing (``output_framework_s``,
+``output_hlt_framework_s``: its time minus the Replay producer alone).
 
 Each measurement runs ``--repeats`` times (default 3), interleaved (HLT a, b, small a, b, then
 c, d and the plain writes; again...), after one untimed warm-up read of each input by each
@@ -79,8 +96,9 @@ import awkward as ak  # noqa: E402
 import numpy as np  # noqa: E402
 import uproot  # noqa: E402
 
-from recorun import (Analyzer, Concurrency, InputTag, Param, Producer,  # noqa: E402
-                       run_workflow)
+from recorun.modules.root_source import RootSource  # noqa: E402
+from recorun import (Analyzer, Concurrency, InputTag, InputTagList,  # noqa: E402
+                     OutputModule, Param, Producer, run_workflow)
 
 ID_BRANCHES = ["run", "luminosityBlock", "event"]
 BRANCHES = [*ID_BRANCHES, "hits_energy", "hits_ieta", "sumet", "ntowers", "maxet"]
@@ -263,6 +281,31 @@ def read_source(path: str, step_size: int) -> tuple[float, float, int]:
     return elapsed, box.total, result.report["events"]["read"]
 
 
+SMALL_TAGS = {f"source:{b}" for b in BRANCHES[3:]}
+
+
+def source_alone(path: str, step_size: int) -> float:
+    """RootSource's ``next_event`` over the whole input (prefetch off), outside a job."""
+    source = RootSource(files=path, step_size=step_size, prefetch=False)
+    source.select_products(SMALL_TAGS)
+    start = time.perf_counter()
+    source.open(None)
+    index = 0
+    while source.next_event(index) is not None:
+        index += 1
+    elapsed = time.perf_counter() - start
+    source.close()
+    return elapsed
+
+
+def iterate_alone(path: str, step_size: int) -> float:
+    """Plain ``uproot.iterate`` over the same branches, nothing done per event."""
+    start = time.perf_counter()
+    for _ in uproot.iterate(f"{path}:Events", BRANCHES, step_size=step_size, library="ak"):
+        pass
+    return time.perf_counter() - start
+
+
 def read_uproot_hlt(path: str, step_size: int) -> tuple[float, float, int]:
     start = time.perf_counter()
     total, n = 0.0, 0
@@ -338,19 +381,49 @@ def prepared_digis(path: str) -> dict:
     return {int(number): digis[i] for i, number in enumerate(ak.to_numpy(arrays["event"]))}
 
 
-def _run_output(path: str, events: int, modules: dict) -> float:
-    if os.path.exists(path):
-        os.remove(path)
+def _run_job(events: int, modules: dict, **sequences) -> float:
     start = time.perf_counter()
     result = run_workflow({
         "process": {"threads": 1, "streams": 1, "report_every_s": 0},
         "source": {"type": "EmptySource", "count": events},
-        "modules": modules,
-        "endpaths": {"e": ["out"]}})
+        "modules": modules, **sequences})
     elapsed = time.perf_counter() - start
-    if result.exit_code != 0 or not os.path.exists(path):
-        raise SystemExit(f"RootOutput job failed: {result.error}")
+    if result.exit_code != 0:
+        raise SystemExit(f"job {sorted(modules)} failed: {result.error}")
     return elapsed
+
+
+def _run_output(path: str, events: int, modules: dict) -> float:
+    if os.path.exists(path):
+        os.remove(path)
+    elapsed = _run_job(events, modules, endpaths={"e": ["out"]})
+    if not os.path.exists(path):
+        raise SystemExit(f"RootOutput did not write {path}")
+    return elapsed
+
+
+class NullOutput(OutputModule):
+    """Reads its products and writes nothing: what the framework costs an output module."""
+
+    products = InputTagList(doc="products read")
+
+    def write(self, event):
+        for tag in self.products:
+            event.get(tag)
+
+
+def null_output(replay: type, store: Store, events: int, products: list[str]) -> float:
+    """The writing job with an output module that writes nothing instead of RootOutput."""
+    return _run_job(events, {"replay": {"type": replay, "store": store},
+                             "out": {"type": NullOutput,
+                                     "products": [f"replay:{p}" for p in products]}},
+                    endpaths={"e": ["out"]})
+
+
+def replay_alone(replay: type, store: Store, events: int) -> float:
+    """The writing job without RootOutput: the Replay producer alone, on a path."""
+    return _run_job(events, {"replay": {"type": replay, "store": store}},
+                    paths={"p": ["replay"]})
 
 
 def write_output(path: str, store: Store, events: int) -> float:
@@ -447,8 +520,10 @@ def main() -> None:
         read_uproot(path, args.step_size)
         read_source(path, args.step_size)
 
-        names = ["uproot", "source", "uproot_small", "source_small", "output", "uproot_write",
-                 "output_hlt", "uproot_write_hlt"]
+        names = ["uproot", "source", "uproot_small", "source_small", "source_alone",
+                 "iterate_alone", "output", "replay",
+                 "null_output", "uproot_write", "output_hlt", "replay_hlt", "null_output_hlt",
+                 "uproot_write_hlt"]
         times: dict[str, list[float]] = {k: [] for k in names}
         checksums: dict[str, set] = {"hlt": set(), "small": set()}
         for _ in range(args.repeats):
@@ -460,9 +535,16 @@ def main() -> None:
                 t, total, n = reader(p, step)
                 times[key].append(t)
                 checksums[case].add((round(total, 3), n))
+            times["source_alone"].append(source_alone(path, args.step_size))
+            times["iterate_alone"].append(iterate_alone(path, args.step_size))
             times["output"].append(write_output(out_path, store, n_entries))
+            times["replay"].append(replay_alone(Replay, store, n_entries))
+            times["null_output"].append(null_output(Replay, store, n_entries,
+                                                    list(Replay.produces)))
             times["uproot_write"].append(write_uproot(ref_path, columns, n_entries))
             times["output_hlt"].append(write_output_hlt(hlt_out_path, digi_store, hlt_n))
+            times["replay_hlt"].append(replay_alone(ReplayDigis, digi_store, hlt_n))
+            times["null_output_hlt"].append(null_output(ReplayDigis, digi_store, hlt_n, [DIGI]))
             times["uproot_write_hlt"].append(write_uproot(hlt_ref_path, hlt_columns, hlt_n))
         for case, found in checksums.items():
             if len(found) != 1:
@@ -477,6 +559,10 @@ def main() -> None:
         hlt_ref_size = os.path.getsize(hlt_ref_path)
 
     best = {k: min(v) for k, v in times.items()}
+    own = best["output"] - best["replay"]                # RootOutput's own cost
+    own_hlt = best["output_hlt"] - best["replay_hlt"]
+    framework = best["null_output"] - best["replay"]    # of that, the framework's output call
+    framework_hlt = best["null_output_hlt"] - best["replay_hlt"]
     every = ", ".join(f"{k} " + "/".join(f"{x:.3f}" for x in v) for k, v in times.items())
     print(f"best of {args.repeats} (interleaved); every time (s): {every}")
     header = f"{'':34} {'best s':>8} {'events/s':>10} {'MB/s':>8} {'MB':>8}"
@@ -496,20 +582,32 @@ def main() -> None:
           [("(a) plain uproot.iterate", best["uproot"], hlt_read_bytes),
            ("(b) RootSource -> HcalDigi analyzer", best["source"], hlt_read_bytes),
            ("(d) RootOutput write HcalDigi", best["output_hlt"], hlt_out_size),
+           ("    the job without RootOutput", best["replay_hlt"], hlt_out_size),
+           ("    RootOutput's own (d) - that", own_hlt, hlt_out_size),
+           ("    of which an empty output's", framework_hlt, hlt_out_size),
            ("    plain uproot write", best["uproot_write_hlt"], hlt_ref_size)], hlt_n)
     table(f"small toy events: {n_entries} events x {hits.mean():.0f} hits, step_size "
           f"{args.step_size} (shows the framework's fixed per-event cost; MB: the file)",
           [("(a) plain uproot.iterate", best["uproot_small"], size),
            ("(b) RootSource -> analyzer", best["source_small"], size),
            ("(c) RootOutput write", best["output"], out_size),
+           ("    the job without RootOutput", best["replay"], out_size),
+           ("    RootOutput's own (c) - that", own, out_size),
+           ("    of which an empty output's", framework, out_size),
            ("    plain uproot write", best["uproot_write"], ref_size)], n_entries)
     fixed_us = (best["source_small"] - best["uproot_small"]) / n_entries * 1e6
+    own_us = (best["source_alone"] - best["iterate_alone"]) / n_entries * 1e6
+    print(f"RootSource's own cost per event (small events, outside a job): {own_us:.2f} us "
+          f"(next_event {best['source_alone'] / n_entries * 1e6:.2f} us, plain uproot.iterate "
+          f"{best['iterate_alone'] / n_entries * 1e6:.2f} us)")
     print(f"RootSource / plain uproot (events/s): HLT events {ratio:.2f}; small events "
           f"{ratio_small:.2f} (RootSource's extra cost there: {fixed_us:.1f} us per event, the "
           f"framework's fixed per-event cost)")
-    print(f"RootOutput / plain uproot write: HLT events "
+    print(f"RootOutput / plain uproot write (events/s), whole job: HLT events "
           f"{best['uproot_write_hlt'] / best['output_hlt']:.2f}; small events "
-          f"{best['uproot_write'] / best['output']:.2f}")
+          f"{best['uproot_write'] / best['output']:.2f}. RootOutput's own cost: HLT events "
+          f"{best['uproot_write_hlt'] / own_hlt:.2f}; small events "
+          f"{best['uproot_write'] / own:.2f}")
     print(json.dumps({
         "source_vs_uproot": round(ratio, 3),
         "source_events_per_s": round(hlt_n / best["source"], 1),
@@ -522,6 +620,7 @@ def main() -> None:
         "source_small_mb_per_s": round(size / 1e6 / best["source_small"], 2),
         "uproot_small_mb_per_s": round(size / 1e6 / best["uproot_small"], 2),
         "source_fixed_us_per_event": round(fixed_us, 2),
+        "source_own_us_per_event": round(own_us, 2),
         "output_events_per_s": round(n_entries / best["output"], 1),
         "output_mb_per_s": round(out_size / 1e6 / best["output"], 2),
         "uproot_write_events_per_s": round(n_entries / best["uproot_write"], 1),
@@ -530,6 +629,11 @@ def main() -> None:
         "output_hlt_mb_per_s": round(hlt_out_size / 1e6 / best["output_hlt"], 2),
         "uproot_write_hlt_events_per_s": round(hlt_n / best["uproot_write_hlt"], 1),
         "output_hlt_vs_uproot_write": round(best["uproot_write_hlt"] / best["output_hlt"], 3),
+        "output_own_s": round(own, 4), "output_hlt_own_s": round(own_hlt, 4),
+        "output_framework_s": round(framework, 4),
+        "output_hlt_framework_s": round(framework_hlt, 4),
+        "output_own_vs_uproot_write": round(best["uproot_write"] / own, 3),
+        "output_hlt_own_vs_uproot_write": round(best["uproot_write_hlt"] / own_hlt, 3),
         "hlt_events": hlt_n, "hlt_channels": round(float(channels.mean()), 1),
         "hlt_step_size": args.hlt_step_size, "hlt_read_mb": round(hlt_read_bytes / 1e6, 3),
         "events": n_entries, "step_size": args.step_size, "input_mb": round(size / 1e6, 3),

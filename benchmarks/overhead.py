@@ -1,16 +1,21 @@
-"""Framework overhead per module call.
+"""Framework overhead per module call, and per event.
 
 A chain of 20 trivial modules (19 producers, each reading the previous one's integer and
 putting it plus one, and an analyzer at the end of a path) over 20000 events, run with
 1 thread / 1 stream and with 2 threads / 4 streams. The overhead per call is the wall time
 minus the time spent inside the modules' own methods, divided by the number of calls.
 
-    .venv/bin/python benchmarks/overhead.py [--events 20000] [--modules 20]
+The fixed cost per event: an ``EmptySource`` and one analyzer that does nothing, on 1 thread /
+1 stream; the wall time of the job over ``--events`` events minus that of the same job over
+one event, divided by the events less one (best of ``--repeat`` runs).
+
+    .venv/bin/python benchmarks/overhead.py [--events 20000] [--modules 20] [--repeat 3]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from recorun import Analyzer, Concurrency, InputTag, Producer, run_workflow  # noqa: E402
 
@@ -33,6 +38,15 @@ class CheckChain(Analyzer):
     def analyze(self, event):
         if event.get(self.last) != event.id.event + CheckChain.length - 1:
             raise ValueError("chain value is wrong")
+
+
+class Nop(Analyzer):
+    """Does nothing: what is left of a job is the framework's own cost."""
+
+    concurrency = Concurrency.SHARED
+
+    def analyze(self, event):
+        pass
 
 
 def workflow(events: int, modules: int, threads: int, streams: int) -> dict:
@@ -58,23 +72,47 @@ def measure(events: int, modules: int, threads: int, streams: int) -> dict:
             "us_per_call_overhead": (wall - in_modules_s / threads) / calls * 1e6}
 
 
+def one_module_job(events: int) -> float:
+    """Wall seconds of a job of ``events`` events through one :class:`Nop` analyzer."""
+    start = time.perf_counter()
+    result = run_workflow({"process": {"threads": 1, "streams": 1, "report_every_s": 0},
+                           "source": {"type": "EmptySource", "count": events},
+                           "modules": {"nop": {"type": Nop}}, "paths": {"p": ["nop"]}})
+    wall = time.perf_counter() - start
+    assert result.exit_code == 0 and result.report["events"]["accepted"] == events, \
+        result.report["events"]
+    return wall
+
+
+def us_per_event(events: int, repeat: int) -> float:
+    """The fixed cost per event of the one-module job (best of ``repeat``), microseconds."""
+    return min(one_module_job(events) - one_module_job(1)
+               for _ in range(repeat)) / (events - 1) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20000)
     parser.add_argument("--modules", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     measure(min(args.events, 500), args.modules, 1, 1)          # warm-up
     one = measure(args.events, args.modules, 1, 1)
     two = measure(args.events, args.modules, 2, 4)
+    per_event = us_per_event(args.events, args.repeat)
     for r in (one, two):
         print(f"threads={r['threads']} streams={r['streams']}: {r['calls']} calls in "
               f"{r['wall_s']:.2f} s: {r['us_per_call_total']:.2f} us per call in all, "
               f"{r['us_per_call_overhead']:.2f} us framework overhead per call")
-    print("target: at most 10 us per call on 1 thread (dask's threaded scheduler: ~200 us/task)")
+    print(f"EmptySource + one analyzer that does nothing, threads=1 streams=1: "
+          f"{per_event:.2f} us per event")
+    print("target: at most 10 us per call on 1 thread (dask's threaded scheduler: ~200 us/task), "
+          "under 8 us per event for the one-analyzer job")
     print(json.dumps({"us_per_call_1thread": round(one["us_per_call_overhead"], 3),
                       "us_per_call_2threads": round(two["us_per_call_overhead"], 3),
                       "us_per_call_total_1thread": round(one["us_per_call_total"], 3),
                       "us_per_call_total_2threads": round(two["us_per_call_total"], 3),
+                      "us_per_event_1module_1thread": round(per_event, 3),
                       "events": args.events, "modules": args.modules}))
 
 

@@ -43,7 +43,9 @@ class BuiltWorkflow:
     def new_instance(self, label: str) -> Module:
         """Another copy of module ``label`` with the same parameters (one per stream)."""
         spec = self.config.modules[label]
-        return type(self.graph.nodes[label].module)(label, **spec.params)
+        module = type(self.graph.nodes[label].module)(label, **spec.params)
+        _tell_shapes(self.source, {label: module})
+        return module
 
 
 def _instantiate(config: WorkflowConfig, spec: PluginSpec, kind: str, base: type):
@@ -72,11 +74,20 @@ def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
     # the source checks its own products first: a missing branch is an input data error
     source.select_products({tag for m in modules.values() for tag in m.consumed_tags()})
     graph = ModuleGraph(config, modules, source.product_tags())
+    _tell_shapes(source, modules)
     for module in modules.values():
         module.services = services
     _check_requirements(config, source, services, modules)
     _check_output_files(config, source, modules)
     return BuiltWorkflow(config, source, services, graph)
+
+
+def _tell_shapes(source: Source, modules: dict) -> None:
+    """Output modules learn which of the source's products are fixed-size arrays."""
+    shapes = source.product_shapes()
+    for module in modules.values():
+        if isinstance(module, OutputModule):
+            module.product_shapes = dict(shapes)
 
 
 def _check_output_files(config: WorkflowConfig, source, modules: dict) -> None:

@@ -170,7 +170,12 @@ class _ChunkedRun:
         incomplete = [s for s in states if s.status != "done"]
         error = None
         if not incomplete and self.stopping is None:
-            merge_outputs(targets, states, self.say)
+            if states:
+                merge_outputs(targets, states, self.say)
+            elif targets:
+                for target in targets.values():
+                    shutil.rmtree(target.parts_dir, ignore_errors=True)
+                self.say("no event to process: output files left as they are")
         elif not states:
             error = ChunkedJobError(f"the job was stopped ({self.stopping}) before any chunk "
                                     f"ran; nothing was written")
@@ -184,7 +189,7 @@ class _ChunkedRun:
         report = merge_reports(template, states, wall_s=wall, options=self.request.options,
                                processes=processes, workers=self.pool.size)
         unplanned = None
-        if not states:
+        if not states and self.stopping is not None:
             planned = built.source.planned_events(config.process.max_events)
             unplanned = (f"{'the job' if planned is None else f'all {planned}'} events were not "
                          f"processed: the job was stopped ({self.stopping}) during set-up")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
 import sys
 
 from . import __version__
@@ -162,11 +163,40 @@ def main(argv: list[str] | None = None) -> int:
     with job_signals(sys.stderr) as signals:
         try:
             return _main(argv)
+        except BrokenPipeError:                  # stdout closed by its reader (| head)
+            stdout_closed()
+            return EXIT_OK
         except JobInterrupted as exc:            # before any job began: nothing ran
             sys.stderr.write(f"recorun: {exc}: nothing was run\n")
             return signal_exit_code(exc.signum)
         finally:
             del signals
+
+
+def stdout_closed() -> None:
+    """Standard output was closed by its reader (``recorun --list | head -1``): what is left
+    to print goes nowhere, and Python's flush at exit raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _print_reports(report: dict) -> None:
+    """The text reports on standard output; a closed standard output ends them quietly (the
+    job is over and its files are written: its exit code stands)."""
+    try:
+        print(trig_report(report))
+        print()
+        print(time_report(report))
+        for text in text_reports(report):
+            print()
+            print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        stdout_closed()
 
 
 def _stopped_by(exc: RecorunError, err) -> int:
@@ -235,12 +265,7 @@ def _main(argv: list[str] | None) -> int:
     report = result.report
     set_up_failed = report["events"]["read"] == 0 and result.exit_code != EXIT_OK
     if not args.quiet and not set_up_failed:
-        print(trig_report(report))
-        print()
-        print(time_report(report))
-        for text in text_reports(report):
-            print()
-            print(text)
+        _print_reports(report)
     if args.report_json:
         write_json(args.report_json, report)
     if args.resources_json:
@@ -248,7 +273,6 @@ def _main(argv: list[str] | None) -> int:
     if args.trace and result.tracer is not None:
         result.tracer.write(args.trace)
 
-    sys.stdout.flush()
     ev = report["events"]
     if result.error is not None and not isinstance(result.error, JobInterrupted):
         err.write(f"recorun: error: {result.error}\n")      # (an interruption: said below)

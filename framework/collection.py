@@ -35,7 +35,8 @@ class Collection:
     @property
     def dtype(self) -> np.dtype:
         """The structured dtype the fields would have together."""
-        return np.dtype([(name, values.dtype) for name, values in self._columns.items()])
+        return np.dtype([(name, values.dtype, values.shape[1:])
+                         for name, values in self._columns.items()])
 
     def __len__(self) -> int:
         return self._size

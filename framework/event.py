@@ -8,7 +8,6 @@ what they declared they produce: this is what keeps the module graph honest.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .errors import ProductNotFound
@@ -39,11 +38,29 @@ def make_tag(label: str, instance: str = "") -> str:
     return f"{label}:{instance}" if instance else label
 
 
-@dataclass(frozen=True)
 class TriggerResults:
-    """Which trigger paths accepted an event (put by the framework as ``TriggerResults``)."""
+    """Which trigger paths accepted an event (put by the framework as ``TriggerResults``).
 
-    paths: dict[str, bool]
+    Read-only, like every product. (A plain class: one is made per event, and a frozen
+    dataclass costs twice as much to make.)"""
+
+    __slots__ = ("_paths",)
+
+    def __init__(self, paths: dict[str, bool]):
+        self._paths = paths
+
+    @property
+    def paths(self) -> dict[str, bool]:
+        """``{path name: accepted}``; do not change it."""
+        return self._paths
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TriggerResults) and self._paths == other._paths
+
+    __hash__ = None    # as a dataclass's: it holds a dict
+
+    def __repr__(self) -> str:
+        return f"TriggerResults(paths={self._paths!r})"
 
     @property
     def accept(self) -> bool:
@@ -55,7 +72,9 @@ class TriggerResults:
 
 
 class Event:
-    """One event: its ID, its index in the job, and the product store."""
+    """One event: its ID, its index in the job, and the product store. ``products`` (the
+    source's products, ``{tag: value}``) is taken over, not copied: a source hands each event
+    a dict of its own."""
 
     __slots__ = ("id", "index", "stream", "_products")
 
@@ -63,7 +82,7 @@ class Event:
         self.id = event_id
         self.index = index
         self.stream = -1
-        self._products: dict[str, Any] = dict(products or {})
+        self._products: dict[str, Any] = {} if products is None else products   # taken over
 
     def put(self, tag: str, value: Any) -> None:
         if tag in self._products:

@@ -144,6 +144,9 @@ class OutputModule(Module):
     concurrency = Concurrency.SERIAL
     ordered: ClassVar[bool] = True
     job_complete = False
+    #: ``{tag: shape}``: products the source declared fixed-size (:meth:`Source.product_shapes`),
+    #: set by the framework before ``begin_job``.
+    product_shapes: dict = {}
     #: The parameter that names the file this output writes. A farm (``recorun --executor
     #: dask``, :mod:`recorun.farm.executor`) points it at one part file per chunk of the input and
     #: merges the parts with :meth:`merge`. None: this output cannot run on a farm.

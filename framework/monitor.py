@@ -7,34 +7,39 @@ longer than ``watchdog_s``, naming the module, the method and the event.
 """
 from __future__ import annotations
 
-import itertools
 import sys
 import threading
 import time
 
 
 class InFlight:
-    """Module calls and external work in progress, for the watchdog."""
+    """Module calls and external work in progress, for the watchdog.
+
+    The scheduler writes :attr:`calls` itself, one dict assignment when a call starts and one
+    when it ends (all it can afford per call): the key is the calling thread's ident, whose
+    entry is None between calls, or, for external work, the work's holder, removed when the
+    work is done. An entry is ``(label, method, event_id, start_ns, where)``: ``start_ns`` from
+    :func:`time.perf_counter_ns`, ``where`` None for a call on the thread of the key, else what
+    is going on (e.g. ``waiting for holder.done()``).
+    """
 
     def __init__(self):
-        self._calls: dict[int, tuple] = {}
-        self._keys = itertools.count()
-
-    def enter(self, label: str, method: str, event_id, where: str | None = None) -> int:
-        """Register a call on this thread (or work elsewhere, described by ``where``)."""
-        key = next(self._keys)
-        self._calls[key] = (label, method, event_id, time.monotonic(),
-                            where or threading.current_thread().name)
-        return key
-
-    def leave(self, key: int) -> None:
-        self._calls.pop(key, None)
+        self.calls: dict = {}
 
     def older_than(self, seconds: float):
-        now = time.monotonic()
-        for key, (label, method, event_id, start, thread) in list(self._calls.items()):
-            if now - start > seconds:
-                yield key, label, method, event_id, now - start, thread
+        """``(entry, label, method, event_id, age_s, where)`` of each call running for more
+        than ``seconds``; ``where`` is the thread's name for a call on a thread."""
+        now = time.perf_counter_ns()
+        names = None
+        for key, entry in list(self.calls.items()):
+            if entry is None or now - entry[3] <= seconds * 1e9:
+                continue
+            label, method, event_id, start_ns, where = entry
+            if where is None:
+                if names is None:
+                    names = {t.ident: t.name for t in threading.enumerate()}
+                where = names.get(key, f"thread {key}")
+            yield entry, label, method, event_id, (now - start_ns) / 1e9, where
 
 
 class Monitor:
@@ -49,7 +54,7 @@ class Monitor:
         self.quiet = quiet
         self.bar = (not quiet) and hasattr(self.out, "isatty") and self.out.isatty()
         self._stop = threading.Event()
-        self._warned: set[int] = set()
+        self._warned: set[tuple] = set()        # InFlight entries warned about
         self._thread = threading.Thread(target=self._loop, name="recorun-monitor", daemon=True)
         self.warnings: list[str] = []
 
@@ -106,11 +111,11 @@ class Monitor:
         self.out.flush()
 
     def _watch(self) -> None:
-        for key, label, method, event_id, age, thread in self.inflight.older_than(
+        for entry, label, method, event_id, age, thread in self.inflight.older_than(
                 self.watchdog_s):
-            if key in self._warned:
+            if entry in self._warned:
                 continue
-            self._warned.add(key)
+            self._warned.add(entry)
             message = (f"watchdog: module '{label}' has been in {method} for {age:.1f} s "
                        f"on event {event_id} ({thread}), past the {self.watchdog_s:g} s limit")
             self.warnings.append(message)

@@ -4,7 +4,8 @@ The calling thread is worker 0, so ``threads=1`` runs every module on the callin
 synchronous, deterministic mode; a debugger sees a plain stack). A task that schedules a
 continuation of itself with :meth:`ThreadPool.soon` keeps the first one on the same thread
 (no queue round trip, no recursion); further ones go to the shared queue where any idle
-worker takes them. No task ever blocks a worker waiting for another task.
+worker takes them, as do those given to :meth:`ThreadPool.share`. No task ever blocks a worker
+waiting for another task.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ class ThreadPool:
             inline.append((fn, args))
         else:
             self._queue.put((fn, args))
+
+    def share(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the first pool thread free (the shared queue, even when the
+        current task has no continuation yet: work that can go on beside the current task)."""
+        self._queue.put((fn, args))
 
     def run(self, start, finished: threading.Event) -> None:
         """Run ``start()`` as the first task, work until ``finished`` is set, then stop (the
@@ -97,18 +103,34 @@ class SerialQueue:
             self._busy = True
         self._pool.soon(self._run, fn, args)
 
+    def run_or_push(self, now, later, *args, pending=None):
+        """``now(*args)`` on this thread and its result when the queue is free; otherwise
+        ``later(*args)`` is queued and ``pending`` returned."""
+        with self._lock:
+            if self._busy:
+                self._pending.append((later, args))
+                return pending
+            self._busy = True
+        try:
+            return now(*args)
+        finally:
+            self._next_task()
+
     def _run(self, fn, args) -> None:
         try:
             fn(*args)
         finally:
-            with self._lock:
-                if self._pending:
-                    nxt = self._pending.popleft()
-                else:
-                    self._busy = False
-                    nxt = None
-            if nxt is not None:
-                self._pool.soon(self._run, *nxt)
+            self._next_task()
+
+    def _next_task(self) -> None:
+        with self._lock:
+            if self._pending:
+                nxt = self._pending.popleft()
+            else:
+                self._busy = False
+                nxt = None
+        if nxt is not None:
+            self._pool.soon(self._run, *nxt)
 
 
 class OrderedQueue:
@@ -139,6 +161,28 @@ class OrderedQueue:
         if task is not None:
             self._pool.soon(self._run, task)
 
+    def run_or_push(self, key: int, now, later, *args, pending=None):
+        """``now(*args)`` on this thread and its result when key ``key`` is the next one and
+        the queue is free; otherwise ``later(*args)`` waits for its turn and ``pending`` is
+        returned."""
+        with self._lock:
+            if self._busy or self._next != key:
+                self._pending[key] = (later, args)
+                task = self._take()
+                inline = False
+            else:
+                self._busy = True
+                self._next += 1
+                inline = True
+        if not inline:
+            if task is not None:
+                self._pool.soon(self._run, task)
+            return pending
+        try:
+            return now(*args)
+        finally:
+            self._next_task()
+
     def release(self, key: int) -> None:
         """Key ``key`` has no task (or already had it): let the keys after it go."""
         with self._lock:
@@ -166,8 +210,11 @@ class OrderedQueue:
         try:
             fn(*args)
         finally:
-            with self._lock:
-                self._busy = False
-                nxt = self._take()
-            if nxt is not None:
-                self._pool.soon(self._run, nxt)
+            self._next_task()
+
+    def _next_task(self) -> None:
+        with self._lock:
+            self._busy = False
+            nxt = self._take()
+        if nxt is not None:
+            self._pool.soon(self._run, nxt)

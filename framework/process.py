@@ -7,6 +7,7 @@ summary says which events were read, which failed and which were never read.
 from __future__ import annotations
 
 import copy
+import logging
 import signal
 import sys
 import time
@@ -25,6 +26,8 @@ from .scheduler import Scheduler
 from .signals import JobInterrupted, job_signals
 from .signals import exit_code as signal_exit_code
 from .trace import Tracer
+
+log = logging.getLogger(__name__)
 
 STOP_EXIT_CODES = {"interrupted": EXIT_INTERRUPTED, "input error": EXIT_INPUT,
                    "module error": EXIT_MODULE, "configuration error": EXIT_CONFIG}
@@ -191,7 +194,7 @@ def _run_job(built, trace, quiet, out, start_at, options, signals) -> JobResult:
     begun: list = []
     error: BaseException | None = None
     try:
-        begin_job(built, scheduler, begun)
+        begin_job(built, scheduler, begun, skip=_outputs_left_alone(built, scheduler))
     except (ConfigError, ModuleError, InputError) as exc:
         error = exc
         scheduler.stop(next(r for kind, r in STOP_REASONS if isinstance(exc, kind)), exc)
@@ -218,6 +221,19 @@ def _run_job(built, trace, quiet, out, start_at, options, signals) -> JobResult:
         report["advice"] = thread_advice(report)
         report.update(report_sections(report, options))
     return JobResult(exit_code, report, scheduler, tracer, error)
+
+
+def _outputs_left_alone(built: BuiltWorkflow, scheduler: Scheduler) -> frozenset:
+    """With ``max_events: 0`` (``-n 0``) no event is read: output modules are not begun, so
+    that the files an earlier job wrote stay as they are."""
+    if built.config.process.max_events != 0:
+        return frozenset()
+    labels = frozenset(w.label for w, m in scheduler.all_instances()
+                       if isinstance(m, OutputModule))
+    if labels:
+        log.warning("no event requested (max_events 0): output modules %s write nothing and "
+                    "leave their files as they are", ", ".join(sorted(labels)))
+    return labels
 
 
 def run_workflow(workflow: dict, *, file: str = "<workflow>", overrides=(), trace: bool = False,

@@ -2,18 +2,19 @@
 
 State of the job
 ----------------
-``streams`` events are in flight at once. A stream that is free asks the source for the next
-event through the source's serial queue (the source is read by one thread at a time). The job
-ends when every stream has found the source empty or the job has been told to stop (an error
-with ``on_error: stop``, an input error, an interrupt); events already in flight are always
+``streams`` events are in flight at once. A stream that is free asks for the source: the
+source is read by one stream at a time, the others wait in line (``_reading``, ``_waiting``),
+and whoever finishes reading hands the source to the next stream in line. The job ends when
+every stream has found the source empty or the job has been told to stop (an error with
+``on_error: stop``, an input error, an interrupt); events already in flight are always
 finished, so every event read is accounted for: accepted, rejected or failed.
 
 State of an event
 -----------------
-``paths running`` -> ``end paths running`` -> ``done``. All trigger paths start together (as
-tasks); each walks its modules in order and stops at a filter that rejects. When the last path
-ends, ``TriggerResults`` is put and the end paths run the same way; a module on an end path
-with ``select_events`` runs only for events one of those paths accepted. An event that hit an
+``paths running`` -> ``end paths running`` -> ``done``. All trigger paths start together;
+each walks its modules in order and stops at a filter that rejects. When the last path ends,
+``TriggerResults`` is put and the end paths run the same way; a module on an end path with
+``select_events`` runs only for events one of those paths accepted. An event that hit an
 error is failed; the modules still to run for it are skipped.
 
 State of a module within an event
@@ -24,25 +25,46 @@ requests the producers it reads from and runs when they are all done; later requ
 for its result. It therefore runs at most once per event, and producers nobody asks for never
 run. A serial module waits in its serial queue instead of running directly.
 
+``EventRun.states[worker.index]`` holds this state: ``None`` (not requested), ``STARTED`` (a
+module called at once, its producers done already and no queue to wait in; a second request
+replaces the marker with a :class:`ModuleState` that holds its callback), a
+:class:`ModuleState` (started, waiting for producers, a queue or external work) or, once done,
+the result itself: ``True``, ``False`` or ``FAILED``. A result never changes, so a result read
+without the lock is final.
+
 An ExternalWork module runs ``acquire``, then its state is ``external``: no thread is held.
 When both ``acquire`` has returned and ``holder.done()`` was called, ``produce`` is scheduled
 on a pool thread (or the module fails, without ``produce``, if the work failed).
 
+Threads and the stack
+---------------------
 The calling thread is pool thread 0, so with ``threads: 1`` every module runs on it. With
 ``synchronous: true`` (which needs one thread and one stream) ExternalWork also waits for its
 external work right after ``acquire``: modules then run in one fixed order, for debugging.
 Otherwise, even on one thread and one stream, other modules of the event run while the external
 work is out.
 
-Continuations never call each other directly: they go through :meth:`ThreadPool.soon`, so no
-stack grows with the length of a path, whatever the module count.
+Work that can go on at once does so on the calling thread: a path's walk is a loop over its
+modules, and a module whose producers are all done runs inside the request for it. What has to
+wait (a result not known yet, an event's start) resumes as a task through
+:meth:`ThreadPool.soon`, so the stack is bounded whatever the path length and the number of
+events: an event's task walks at most its first path and then its first end path, and the end
+of an event only reads the next one, whose start is a new task. Further paths and end paths
+of the event are given to the shared queue at once (:meth:`ThreadPool.share`), where an idle
+thread takes them.
+
+Locks: ``lock`` guards the job's counters and the source's line; ``_state_lock`` guards every
+event's module states and counts (held only for a few assignments, never while a module runs,
+and never together with ``lock``).
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
+from threading import get_ident
 
 import networkx as nx
 
@@ -54,8 +76,10 @@ from .graph import TRIGGER_RESULTS
 from .module import Concurrency, ExternalWorkProducer, WaitingTaskHolder
 from .stats import ModuleStats, PathStats
 
-PENDING = object()
-FAILED = object()
+PENDING = object()     # the result is not known yet: the requester is called back
+FAILED = object()      # the module failed, or was skipped because its event had failed
+STARTED = object()     # the state of a module running with nothing to wait for
+DONE = (True, False, FAILED)   # the states of a module done: its results
 
 perf_ns = time.perf_counter_ns
 cpu_ns = time.thread_time_ns
@@ -68,7 +92,7 @@ class Worker:
 
     __slots__ = ("label", "index", "type_name", "kind", "method", "external", "deps",
                  "upstream", "consumes", "instances", "select_events", "copies", "queue",
-                 "stats")
+                 "stats", "plain", "calls")
 
     def __init__(self, index, node, copies, streams, queue):
         self.label = node.label
@@ -85,6 +109,8 @@ class Worker:
         self.copies = copies
         self.queue = queue
         self.stats = [ModuleStats() for _ in range(streams)]
+        self.plain = False     # neither queued nor ExternalWork: called once its inputs are done
+        self.calls: list = []  # per stream: the bound method `method` (`produce` for ExternalWork)
 
     def instance(self, stream: int):
         copies = self.copies
@@ -92,14 +118,14 @@ class Worker:
 
 
 class ModuleState:
-    __slots__ = ("done", "result", "waiters", "deps_left", "path")
+    """A module started in an event and not done yet: who waits for it, what it waits for."""
+
+    __slots__ = ("waiters", "deps_left", "path")
 
     def __init__(self, path):
-        self.done = False
-        self.result = None
-        self.waiters: list = []
+        self.waiters: list[tuple] = []    # (fn, args): fn(*args, result) once done
         self.deps_left = 0
-        self.path = path
+        self.path = path                  # who requested it first, for an error's context
 
 
 class Sequence:
@@ -115,17 +141,16 @@ class Sequence:
 class EventRun:
     """One event in flight."""
 
-    __slots__ = ("event", "stream", "states", "lock", "error", "left", "trigger", "started_ns")
+    __slots__ = ("event", "stream", "states", "error", "left", "trigger", "started_ns")
 
     def __init__(self, event: Event, stream: int, n_workers: int):
         self.event = event
         self.stream = stream
-        self.states: list[ModuleState | None] = [None] * n_workers
-        self.lock = threading.Lock()
+        self.states: list = [None] * n_workers     # see the module docstring
         self.error: ModuleError | None = None
-        self.left = 0
+        self.left = 0                               # paths (then end paths) not done yet
         self.trigger: dict[str, bool] = {}
-        self.started_ns = perf_ns()
+        self.started_ns = 0                         # for the tracer only
 
 
 @dataclass
@@ -160,11 +185,14 @@ class Scheduler:
         self.pool = ThreadPool(self.options.threads)
         self.tracer = tracer
         self.inflight = inflight
+        self._calls = inflight.calls if inflight is not None else None
         self.lock = threading.Lock()
+        self._state_lock = threading.Lock()
         self.source = built.source
         self._new_run()
         self.workers: dict[str, Worker] = {}
         self._make_workers()
+        self._n_workers = len(self.workers)
         self.ordered = [w for w in self.workers.values() if isinstance(w.queue, OrderedQueue)]
         self.paths = [Sequence(n, [self.workers[x] for x in labels], False, self.streams)
                       for n, labels in cfg.paths.items()]
@@ -198,12 +226,14 @@ class Scheduler:
             ancestors = nx.ancestors(graph.graph, label)
             worker.upstream = sorted((self.workers[a] for a in ancestors if a in self.workers),
                                      key=lambda w: w.index)
+            worker.plain = worker.queue is None and not worker.external
 
     def _new_run(self) -> None:
         """The state of one run over a source (the job's, or one chunk's)."""
         self.status = JobStatus()
         self.finished = threading.Event()
-        self.source_queue = SerialQueue(self.pool)
+        self._reading = False                 # a stream is reading the source
+        self._waiting: deque[int] = deque()   # streams in line for the source
         self._next_index = 0
         self._active_streams = self.streams
 
@@ -235,6 +265,9 @@ class Scheduler:
 
     def run(self) -> JobStatus:
         """Process events until the source is exhausted or the job is stopped."""
+        for worker in self.workers.values():      # bound after begin_job, once per run
+            worker.calls = [getattr(worker.instance(s), worker.method)
+                            for s in range(self.streams)]
         self.status.started = time.time()
         self.status.cpu_started = time.process_time()
         self.pool.run(self._start_streams, self.finished)
@@ -254,57 +287,90 @@ class Scheduler:
 
     def _start_streams(self) -> None:
         for stream in range(self.streams):
-            self.source_queue.push(self._read_next, stream)
+            self._want_source(stream)
 
-    def _read_next(self, stream: int) -> None:
-        event = None
-        if self.status.stop_reason is None:
+    def _want_source(self, stream: int) -> None:
+        """``stream`` is free: read its next event now, or wait in line for the source (as
+        :meth:`_finish_event` does too)."""
+        with self.lock:
+            if self._reading:
+                self._waiting.append(stream)
+                return
+            self._reading = True
+        self._read(stream)
+
+    def _read(self, stream: int) -> None:
+        """With the source held: read ``stream``'s next event and start it as a task, then hand
+        the source to the next stream in line (as a task) or let it go."""
+        run = None
+        status = self.status
+        if status.stop_reason is None:
             index = self._next_index
             try:
                 event = self.source.next_event(index)
             except InputError as exc:
+                event = None
                 self.stop("input error", exc)
             except Exception as exc:
+                event = None
                 self.stop("input error", InputError(
                     f"source {type(self.source).__name__} failed reading event index "
                     f"{index}: {type(exc).__name__}: {exc}"))
-        if event is None:
-            with self.lock:
+            if event is not None:
+                self._next_index = index + 1
+                event.stream = stream
+                run = EventRun(event, stream, self._n_workers)
+                if self.tracer is not None:
+                    run.started_ns = perf_ns()
+        last = False
+        with self.lock:
+            if run is not None:
+                status.read += 1
+            else:
                 self._active_streams -= 1
                 last = self._active_streams == 0
-            if last:
-                self.finished.set()
-            return
-        self._next_index += 1
-        with self.lock:
-            self.status.read += 1
-        event.stream = stream
-        run = EventRun(event, stream, len(self.workers))
-        self.pool.soon(self._start_event, run)
+            if self._waiting:
+                after = self._waiting.popleft()
+            else:
+                after = None
+                self._reading = False
+        if run is not None:
+            if self.paths:
+                self.pool.soon(self._start_sequences, run, self.paths)
+            else:
+                self.pool.soon(self._after_paths, run)
+        if after is not None:
+            self.pool.soon(self._read, after)
+        if last:
+            self.finished.set()
 
-    def _start_event(self, run: EventRun) -> None:
-        if not self.paths:
-            self._after_paths(run)
-            return
-        run.left = len(self.paths)
-        for path in self.paths:
-            self.pool.soon(self._walk, run, path, 0, None)
+    def _start_sequences(self, run: EventRun, sequences: list[Sequence]) -> None:
+        """Walk the first sequence here; the others go to the shared queue first, so that an
+        idle thread can take them meanwhile."""
+        run.left = len(sequences)
+        if run.left > 1:
+            for seq in sequences[1:]:
+                self.pool.share(self._walk, run, seq, 0, None)
+        self._walk(run, sequences[0], 0, None)
 
     def _after_paths(self, run: EventRun) -> None:
-        run.event.put(TRIGGER_RESULTS, TriggerResults(dict(run.trigger)))
-        if not self.endpaths:
+        # every path is done: run.trigger changes no more
+        run.event.put(TRIGGER_RESULTS, TriggerResults(run.trigger))
+        if self.endpaths:
+            self._start_sequences(run, self.endpaths)
+        else:
             self._finish_event(run)
-            return
-        run.left = len(self.endpaths)
-        for path in self.endpaths:
-            self.pool.soon(self._walk, run, path, 0, None)
 
     def _sequence_done(self, run: EventRun, seq: Sequence, accepted: bool) -> None:
-        with run.lock:
-            if not seq.is_end:
-                run.trigger[seq.name] = accepted
-            run.left -= 1
-            last = run.left == 0
+        if not seq.is_end:
+            run.trigger[seq.name] = accepted
+        if run.left == 1:
+            # this sequence was the only one left: nobody else counts down any more
+            last = True
+        else:
+            with self._state_lock:
+                run.left -= 1
+                last = run.left == 0
         if last:
             if seq.is_end:
                 self._finish_event(run)
@@ -312,21 +378,31 @@ class Scheduler:
                 self._after_paths(run)
 
     def _finish_event(self, run: EventRun) -> None:
+        index = run.event.index
         for worker in self.ordered:          # outputs that did not write this event
-            worker.queue.release(run.event.index)
+            worker.queue.release(index)
+        error = run.error
+        failure = None if error is None else {"index": index, **error.to_dict()}
+        trigger = run.trigger
         status = self.status
-        with self.lock:
-            if run.error is not None:
-                status.failed += 1
-                status.failures.append({"index": run.event.index, **run.error.to_dict()})
-            elif TriggerResults(run.trigger).accept:
-                status.accepted += 1
-            else:
-                status.rejected += 1
         if self.tracer is not None:
             self.tracer.complete(f"event {run.event.id}", "event", run.started_ns,
                                  perf_ns() - run.started_ns, lane=f"stream {run.stream}")
-        self.source_queue.push(self._read_next, run.stream)
+        with self.lock:              # count the event, and its stream asks for the source
+            if failure is not None:
+                status.failed += 1
+                status.failures.append(failure)
+            elif not trigger or any(trigger.values()):    # as TriggerResults.accept
+                status.accepted += 1
+            else:
+                status.rejected += 1
+            reading = self._reading
+            if reading:
+                self._waiting.append(run.stream)
+            else:
+                self._reading = True
+        if not reading:
+            self._read(run.stream)
 
     # -- paths ------------------------------------------------------------------------------
     def _walk(self, run: EventRun, seq: Sequence, i: int, result) -> None:
@@ -336,7 +412,8 @@ class Scheduler:
         if i == 0 and result is None:
             stats.visited += 1
         trigger = run.trigger if seq.is_end else None
-        while i < len(workers):
+        n = len(workers)
+        while i < n:
             worker = workers[i]
             if result is None:
                 if run.error is not None:
@@ -347,8 +424,7 @@ class Scheduler:
                     continue
                 else:
                     stats.module_visited[i] += 1
-                    result = self.request(run, worker, seq.name,
-                                          partial(self._walk, run, seq, i))
+                    result = self.request(run, worker, seq.name, self._walk, run, seq, i)
                     if result is PENDING:
                         return
             if result is FAILED:
@@ -368,121 +444,172 @@ class Scheduler:
         self._sequence_done(run, seq, True)
 
     # -- modules ----------------------------------------------------------------------------
-    def request(self, run: EventRun, worker: Worker, path: str | None, waiter):
-        """Ask for ``worker``'s result in this event: the result now, or PENDING (then
-        ``waiter(result)`` is called later, as a task)."""
-        with run.lock:
-            state = run.states[worker.index]
+    def request(self, run: EventRun, worker: Worker, path: str | None, fn, *args):
+        """Ask for ``worker``'s result in this event: the result now, or PENDING, and then
+        ``fn(*args, result)`` is called later, as a task. The first request starts the module
+        (``path``, who asked, is the context of its errors)."""
+        states = run.states
+        index = worker.index
+        ready = False
+        if states[index] is None:
+            if worker.upstream:
+                self._start_upstream(run, worker.upstream, path)
+            ready = worker.plain and (not worker.deps or self._deps_done(states, worker))
+        with self._state_lock:
+            state = states[index]
             if state is None:
-                state = run.states[worker.index] = ModuleState(path)
-            elif state.done:
-                return state.result
-            else:
-                state.waiters.append(waiter)
+                state = states[index] = STARTED if ready else ModuleState(path)
+            elif state is STARTED:               # running on another thread: wait for it
+                state = states[index] = ModuleState(path)
+                state.waiters.append((fn, args))
                 return PENDING
-        if worker.upstream:
-            self._start_upstream(run, worker.upstream, path)
-        result = self._prefetch(run, worker, state)
+            elif state.__class__ is ModuleState:
+                state.waiters.append((fn, args))
+                return PENDING
+            else:
+                return state
+        if state is STARTED:                      # as _begin does, one call less
+            if run.error is not None:
+                result = FAILED
+            else:
+                result = self._call(run, worker, path, worker.method, worker.calls[run.stream])
+            self._finish(run, worker, result)
+            return result
+        result = self._begin(run, worker, path, state)
         if result is PENDING:
-            with run.lock:
-                if not state.done:
-                    state.waiters.append(waiter)
+            with self._state_lock:
+                state = states[index]
+                if state.__class__ is ModuleState:
+                    state.waiters.append((fn, args))
                     return PENDING
-                return state.result
-        self._finish(run, worker, state, result)
+            return state                          # it finished meanwhile, on another thread
         return result
+
+    @staticmethod
+    def _deps_done(states, worker) -> bool:
+        """Whether every producer ``worker`` reads from is done (a result is final, so this
+        needs no lock when true)."""
+        for dep in worker.deps:
+            if states[dep.index] not in DONE:
+                return False
+        return True
 
     def _start_upstream(self, run, upstream, path) -> None:
         """Start every producer a module needs, dependencies first. Each one's own
-        dependencies have then been started already, so requesting them never recurses."""
+        dependencies have then been started already, so requesting them never recurses; those
+        that run at once have their dependencies done already, and run here."""
         states = run.states
         for producer in upstream:
-            with run.lock:
-                if states[producer.index] is not None:
+            index = producer.index
+            if states[index] is not None:     # started already (it stays so)
+                continue
+            ready = producer.plain and (not producer.deps
+                                        or self._deps_done(states, producer))
+            with self._state_lock:
+                if states[index] is not None:
                     continue
-                state = states[producer.index] = ModuleState(path)
-            result = self._prefetch(run, producer, state)
-            if result is not PENDING:
-                self._finish(run, producer, state, result)
+                state = states[index] = STARTED if ready else ModuleState(path)
+            self._begin(run, producer, path, state)
+
+    def _begin(self, run, worker, path, state):
+        """Run a module just marked started, its upstream producers started: its result, or
+        PENDING. ``STARTED``: it has nothing to wait for and is called now."""
+        if state is STARTED:
+            if run.error is not None:
+                result = FAILED
+            else:
+                result = self._call(run, worker, path, worker.method, worker.calls[run.stream])
+        else:
+            result = self._prefetch(run, worker, state)
+            if result is PENDING:
+                return PENDING
+        self._finish(run, worker, result)
+        return result
 
     def _prefetch(self, run, worker, state):
         deps = worker.deps
-        if deps:
-            state.deps_left = len(deps) + 1
-            arrived = partial(self._dep_arrived, run, worker, state)
-            ready = 1
-            for dep in deps:
-                if self.request(run, dep, state.path, arrived) is not PENDING:
-                    ready += 1
-            with run.lock:
-                state.deps_left -= ready
-                if state.deps_left:
-                    return PENDING
+        if self._deps_done(run.states, worker):
+            return self._execute(run, worker, state)
+        state.deps_left = len(deps) + 1
+        ready = 1
+        for dep in deps:
+            if self.request(run, dep, state.path, self._dep_arrived, run, worker,
+                            state) is not PENDING:
+                ready += 1
+        with self._state_lock:
+            state.deps_left -= ready
+            if state.deps_left:
+                return PENDING
         return self._execute(run, worker, state)
 
     def _dep_arrived(self, run, worker, state, _result) -> None:
-        with run.lock:
+        with self._state_lock:
             state.deps_left -= 1
             if state.deps_left:
                 return
         result = self._execute(run, worker, state)
         if result is not PENDING:
-            self._finish(run, worker, state, result)
+            self._finish(run, worker, result)
 
     def _execute(self, run, worker, state):
         if run.error is not None:
             return FAILED
         queue = worker.queue
-        if queue is not None:
+        if queue is not None:                # on this thread if it is the module's turn now
             if isinstance(queue, OrderedQueue):
-                queue.push(run.event.index, self._run_queued, run, worker, state)
-            else:
-                queue.push(self._run_queued, run, worker, state)
-            return PENDING
+                return queue.run_or_push(run.event.index, self._queued_result,
+                                         self._run_queued, run, worker, state, pending=PENDING)
+            return queue.run_or_push(self._queued_result, self._run_queued, run, worker, state,
+                                     pending=PENDING)
         if worker.external:
             return self._acquire(run, worker, state)
-        return self._call(run, worker, state, worker.method)
+        return self._call(run, worker, state.path, worker.method, worker.calls[run.stream])
+
+    def _queued_result(self, run, worker, state):
+        """A queued module's turn: its result, or PENDING (ExternalWork acquired)."""
+        if run.error is not None:
+            return FAILED
+        if worker.external:
+            return self._acquire(run, worker, state)
+        return self._call(run, worker, state.path, worker.method, worker.calls[run.stream])
 
     def _run_queued(self, run, worker, state) -> None:
-        if run.error is not None:
-            result = FAILED
-        elif worker.external:
-            result = self._acquire(run, worker, state)
-        else:
-            result = self._call(run, worker, state, worker.method)
+        result = self._queued_result(run, worker, state)
         if result is not PENDING:
-            self._finish(run, worker, state, result)
+            self._finish(run, worker, result)
 
-    def _finish(self, run, worker, state, result) -> None:
-        with run.lock:
-            state.done = True
-            state.result = result
-            waiters, state.waiters = state.waiters, None
-        for waiter in waiters:
-            self.pool.soon(waiter, result)
+    def _finish(self, run, worker, result) -> None:
+        states = run.states
+        with self._state_lock:
+            state = states[worker.index]
+            states[worker.index] = result
+        if state is not STARTED:
+            soon = self.pool.soon
+            for fn, args in state.waiters:
+                soon(fn, *args, result)
 
-    def _call(self, run, worker, state, method: str):
-        """Call one module method, timed; return True/False or FAILED."""
-        module = worker.instance(run.stream)
+    def _call(self, run, worker, path, method: str, fn):
+        """Call one module method ``fn``, timed; return True/False or FAILED."""
         view = ModuleEvent(run.event, worker)
         stats = worker.stats[run.stream]
-        inflight = self.inflight
-        if inflight is not None:
-            key = inflight.enter(worker.label, method, run.event.id)
+        calls = self._calls
         t0 = perf_ns()
+        if calls is not None:
+            thread = get_ident()
+            calls[thread] = (worker.label, method, run.event.id, t0, None)
         c0 = cpu_ns()
+        error = None
         try:
-            value = getattr(module, method)(view)
-            error = None
+            value = fn(view)
         except Exception as exc:
             error = exc
-        dt = perf_ns() - t0
         dc = cpu_ns() - c0
-        if inflight is not None:
-            inflight.leave(key)
+        dt = perf_ns() - t0
+        if calls is not None:
+            calls[thread] = None
         stats.real_ns += dt
         stats.cpu_ns += dc
-        if method == "produce" and worker.external:
+        if worker.external:                  # its produce; acquire counted the run
             stats.produce_real_ns += dt
             stats.produce_cpu_ns += dc
         else:
@@ -490,38 +617,38 @@ class Scheduler:
         if self.tracer is not None:
             self.tracer.complete(worker.label, method, t0, dt, event=str(run.event.id))
         if error is not None:
-            self._fail(run, worker, state, method, error)
+            self._fail(run, worker, path, method, error)
             return FAILED
         if method == "filter":
-            passed = bool(value)
-            if passed:
+            if value:
                 stats.passed += 1
-            else:
-                stats.rejected += 1
-            return passed
+                return True
+            stats.rejected += 1
+            return False
         return True
 
     def _acquire(self, run, worker, state):
         module = worker.instance(run.stream)
         stats = worker.stats[run.stream]
         holder = WaitingTaskHolder(partial(self._external_done, run, worker, state))
-        inflight = self.inflight
-        if inflight is not None:
-            key = inflight.enter(worker.label, "acquire", run.event.id)
+        calls = self._calls
         t0 = perf_ns()
+        if calls is not None:
+            thread = get_ident()
+            calls[thread] = (worker.label, "acquire", run.event.id, t0, None)
         c0 = cpu_ns()
         try:
             module.acquire(ModuleEvent(run.event, worker), holder)
             error = None
         except Exception as exc:
             error = exc
-        t1 = perf_ns()
         dc = cpu_ns() - c0
-        if inflight is not None:
-            inflight.leave(key)
-            holder_key = inflight.enter(worker.label, "external", run.event.id,
-                                        "waiting for holder.done()")
-            holder.on_external_end = partial(inflight.leave, holder_key)
+        t1 = perf_ns()
+        if calls is not None:
+            calls[thread] = None
+            calls[holder] = (worker.label, "external", run.event.id, t1,
+                             "waiting for holder.done()")
+            holder.on_external_end = partial(calls.pop, holder, None)
         stats.runs += 1
         stats.real_ns += t1 - t0
         stats.cpu_ns += dc
@@ -556,7 +683,7 @@ class Scheduler:
     def _produce(self, run, worker, state, holder) -> None:
         if holder.error is not None:
             method = "acquire" if holder.acquire_failed else "external"
-            self._fail(run, worker, state, method, holder.error)
+            self._fail(run, worker, state.path, method, holder.error)
             result = FAILED
         elif run.error is not None:
             result = FAILED
@@ -564,19 +691,20 @@ class Scheduler:
             worker.queue.push(self._queued_produce, run, worker, state)
             return
         else:
-            result = self._call(run, worker, state, "produce")
-        self._finish(run, worker, state, result)
+            result = self._call(run, worker, state.path, "produce", worker.calls[run.stream])
+        self._finish(run, worker, result)
 
     def _queued_produce(self, run, worker, state) -> None:
-        self._finish(run, worker, state, self._call(run, worker, state, "produce"))
+        self._finish(run, worker, self._call(run, worker, state.path, "produce",
+                                             worker.calls[run.stream]))
 
-    def _fail(self, run, worker, state, method, exc) -> None:
+    def _fail(self, run, worker, path, method, exc) -> None:
         error = ModuleError(exc, event_id=run.event.id, stream=run.stream,
                             module_type=worker.type_name, label=worker.label, method=method,
-                            path=state.path)
+                            path=path)
         error.__cause__ = exc
         worker.stats[run.stream].errors += 1
-        with run.lock:
+        with self._state_lock:
             first = run.error is None
             if first:
                 run.error = error

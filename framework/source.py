@@ -74,6 +74,12 @@ class Source(Configurable):
     def select_products(self, tags: set[str]) -> None:
         """Told before the first event which of its products some module consumes."""
 
+    def product_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{tag: shape}`` for products that are NumPy arrays of the same fixed shape in every
+        event (a ROOT branch ``float x[5]``: ``(5,)``). Output modules are told them
+        (:attr:`OutputModule.product_shapes`) and can write those products as fixed-size."""
+        return {}
+
     def open(self, max_events: int | None) -> None:
         """Called once before the first event; ``max_events`` is the job's limit (or None)."""
 

@@ -3,14 +3,16 @@
 Each (module, stream) and (path, stream) pair has its own record: a stream holds one event at
 a time, a module runs at most once per event and a path walks its modules one after another,
 so a record has one writer at a time and needs no lock. (How often paths reached a module is
-therefore counted per path, not per module: a module on two paths is reached by both at once.) :func:`merge` adds the streams up at the end.
+therefore counted per path, not per module: a module on two paths is reached by both at once.)
+:func:`merge` adds the streams up at the end. The records have slots: the scheduler updates
+them on every module call.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
 
-@dataclass
+@dataclass(slots=True)
 class ModuleStats:
     runs: int = 0             # events on which the module was called
     passed: int = 0           # filter returned true
@@ -29,7 +31,7 @@ class ModuleStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-@dataclass
+@dataclass(slots=True)
 class PathStats:
     size: int
     visited: int = 0          # events that started the path

@@ -47,6 +47,7 @@ decay products outside R), median 47 GeV for QCD.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -86,7 +87,8 @@ _BANNER_SHOWN = False
 
 def fastjet_quietly():
     """The ``fastjet`` module, its banner (which FastJet prints on stdout at a process's first
-    clustering) already printed, on stderr: stdout keeps only the job's reports."""
+    clustering) already printed, on stderr (nowhere when the job is quiet, ``-q``: logging
+    above INFO): stdout keeps only the job's reports."""
     global _BANNER_SHOWN
     import fastjet
 
@@ -94,13 +96,16 @@ def fastjet_quietly():
         _BANNER_SHOWN = True
         sys.stdout.flush()
         saved = os.dup(1)
+        quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+        target = os.open(os.devnull, os.O_WRONLY) if quiet else os.dup(2)
         try:
-            os.dup2(2, 1)
+            os.dup2(target, 1)
             fastjet.ClusterSequence([fastjet.PseudoJet(1.0, 0.0, 0.0, 1.0)],
                                     fastjet.JetDefinition(fastjet.antikt_algorithm, 0.4))
         finally:
             os.dup2(saved, 1)
             os.close(saved)
+            os.close(target)
     return fastjet
 
 

@@ -1,50 +1,86 @@
 """``RootSource``: events from ROOT files (TTree or RNTuple), read with uproot.
 
-Each branch a module consumes becomes the product ``source:<branch>`` of every event:
+Each branch (or RNTuple field) a module consumes becomes the product ``source:<branch>`` of
+every event:
 
-* a number per event (``float``, ``int32_t``...): a NumPy scalar;
+* a number per event (``float``, ``int32_t``...): a NumPy scalar of the branch's dtype;
+* a fixed-size array per event (``float x[5]``, RNTuple ``std::array<float, 5>``): a NumPy
+  array of shape ``(5,)`` (:meth:`RootSource.product_shapes` tells output modules so);
+* a string per event (``char*``, ``std::string``, ``TString``): a Python ``str``;
+* a list of strings per event (``std::vector<std::string>``, RNTuple
+  ``std::vector<std::string>``, and the JSON-encoded string lists recorun writes in TTrees,
+  see :mod:`recorun.data.layout`): a Python ``list`` of ``str`` (made once per chunk by
+  awkward's ``to_list``, the cheapest way to Python strings);
 * a list of numbers per event (``float[]``, NanoAOD's ``Jet_pt``): a 1-D NumPy array, a view
   into the chunk (no copy);
 * a list of fixed-size entries (written by recorun, see :mod:`recorun.data.layout`): an
   ``(n, K, ...)`` NumPy array;
-* a list of records (an RNTuple record field, or a NanoAOD-style collection: branches
-  ``X_a``, ``X_b``... counted by ``nX``, read together as the product ``source:X``): a
-  :class:`~framework.Collection`, NumPy views of fields ``a``, ``b``... (``c["a"]``,
-  ``len(c)``, ``c[mask]``, ``c.to_numpy()``);
+* a list of records: a :class:`~framework.Collection`, NumPy views of its fields
+  (``c["pt"]``, ``len(c)``, ``c[mask]``); a field of fixed-size entries (Delphes
+  ``Jet.FracPt[5]``) is an ``(n, 5)`` array. Collections come from
+    - an RNTuple record field ``X`` (``std::vector<Muon>``): ``source:X``;
+    - NanoAOD-style branches ``X_a``, ``X_b``... counted by ``nX`` or ``NX`` (``nJet``
+      counts ``Jet_pt``; ``NJet`` counts ``Jet_Px`` in older ntuples): ``source:X``, fields
+      ``a``, ``b``...;
+    - Delphes class branches ``X.a``, ``X.b``... (``Particle.PT``): ``source:X``, fields
+      ``a``, ``b``... of numbers or fixed-size arrays of numbers (``FracPt[5]`` is field
+      ``FracPt``); ROOT's bookkeeping ``fUniqueID``, ``fBits`` and the fields that are not
+      numbers (``TRef``, ``TLorentzVector``...) are left out. Delphes's count branch ``X``
+      is replaced by the collection: the count is ``len(source:X)`` (``X_size`` still is a
+      branch of its own);
 * anything else (lists of lists...): the event's awkward value.
+
+Every member branch of a collection stays a product of its own (``source:Jet_pt``,
+``source:Particle.PT``). The two flavours of the same data give the same names: an RNTuple
+record field ``Muon`` (subfields ``pt``, ``eta``) gives, besides ``source:Muon``,
+``source:Muon_pt`` and ``source:Muon_eta`` (1-D arrays, as the TTree's ``Muon_pt``) and
+``source:nMuon`` (the count, an int32 scalar, as NanoAOD's counter), unless the RNTuple has
+fields of those names itself.
 
 Only the branches some module consumes are read (plus ``branches``, plus ``run``,
 ``luminosityBlock`` and ``event``, which give the event IDs when present). Files are read in
-order, ``step_size`` events at a time; with ``prefetch`` the next chunk is read by a
-background thread while the current one is processed.
+order, ``step_size`` events at a time; with ``prefetch`` the next chunk is read, and turned
+into per-event products, by a background thread while the current one is processed.
 
-Every problem with the input is an :class:`~framework.InputError` naming the file (and tree,
-branch or entries): missing or unreadable files, files that are not ROOT, missing trees or
-branches (with the nearest names), branches uproot cannot interpret. With ``skip_bad_files``
-a bad file is skipped and listed, with the reason and the entries already read, in the
-report's ``source`` section.
+A wrong ``step_size`` or ``skip`` (``skip`` at or past the end of the readable input) is a
+configuration error naming the parameter. Every problem with the input is an
+:class:`~framework.InputError` naming the file (and tree, branch or entries): missing or
+unreadable files, files that are not ROOT, missing trees or branches (with the nearest
+names), branches uproot cannot interpret, RNTuples of the pre-release format that uproot
+cannot read. With ``skip_bad_files`` a bad file is skipped and listed, with the reason and
+the entries already read, in the report's ``source`` section.
 """
 from __future__ import annotations
 
 import difflib
 import glob
+import itertools
 import logging
 import os
 import queue
+import re
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import awkward as ak
+import numpy as np
 import uproot
 
-from recorun.data.layout import per_event_fields, per_event_numpy, read_shapes
+from recorun.data.layout import (decode_string_list, fixed_size_numpy, per_event_fields,
+                                 per_event_numpy, read_shapes, read_string_lists)
 from recorun import Collection, Event, EventID, InputError, Param, Source, SourceChunk
-from recorun.framework.source import split_entries
 from recorun.framework.event import tag_label
+from recorun.framework.params import ParamError
+from recorun.framework.source import split_entries
 
 log = logging.getLogger(__name__)
 
 ID_BRANCHES = ("run", "luminosityBlock", "event")
+OLD_RNTUPLE = "ROOT::Experimental::RNTuple"
+DELPHES_BOOKKEEPING = ("fUniqueID", "fBits")
+_DIMENSIONS = re.compile(r"(\[\d*\])+$")
+_STRINGS = ("string", "bytestring")
 _END = object()
 
 
@@ -78,6 +114,13 @@ def _open(path: str):
             from None
 
 
+def _old_rntuple(path: str, name: str) -> InputError:
+    return InputError(
+        f"{path}: '{name}' is an RNTuple of the pre-release format ({OLD_RNTUPLE}, ROOT < "
+        f"6.34), which uproot {uproot.__version__} cannot read; convert it with ROOT 6.34 or "
+        f"newer")
+
+
 def _find_tree(file, path: str, name: str):
     """The named TTree/RNTuple, or the file's only one when ``name`` is empty."""
     classes = {key.rsplit(";", 1)[0]: cls for key, cls in file.classnames().items()}
@@ -88,13 +131,34 @@ def _find_tree(file, path: str, name: str):
             hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
             raise InputError(f"{path}: no tree '{name}'{hint} (trees: "
                              f"{', '.join(trees) or 'none'})")
+        if classes[name] == OLD_RNTUPLE:
+            raise _old_rntuple(path, name)
         if name not in trees:
             raise InputError(f"{path}: '{name}' is a {classes[name]}, not a TTree or RNTuple")
         return file[name]
+    old = [k for k, cls in classes.items() if cls == OLD_RNTUPLE]
+    if not trees and len(old) == 1:
+        raise _old_rntuple(path, old[0])
     if len(trees) != 1:
         raise InputError(f"{path}: " + ("has no TTree or RNTuple" if not trees else
                          f"has several trees ({', '.join(trees)}); name one with 'tree'"))
     return file[trees[0]]
+
+
+# -- what a tree offers -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Product:
+    """How one product is made from what uproot reads.
+
+    ``reads``: the uproot keys it needs (TTree branch names, RNTuple field paths ``X.a``).
+    ``kind``: ``"value"`` (one key, converted by its layout), ``"collection"`` (one key per
+    field, named by ``fields``, sharing one count) or ``"count"`` (the entries per event of
+    the list that ``reads[0]`` belongs to)."""
+
+    kind: str
+    reads: tuple[str, ...]
+    fields: tuple[str, ...] = ()
 
 
 def _branch_names(tree) -> list[str]:
@@ -103,19 +167,108 @@ def _branch_names(tree) -> list[str]:
     return [k for k in tree.keys() if "." not in k]
 
 
-def _collections(tree, names: list[str]) -> dict[str, list[str]]:
-    """NanoAOD-style collections of a TTree: {X: [X_a, X_b, ...]} for branches counted by nX."""
-    if not isinstance(tree, uproot.TTree):
-        return {}
-    found: dict[str, list[str]] = {}
+def _numeric_list(branch) -> bool:
+    """A TTree branch of a list of numbers (or of fixed-size arrays of numbers) per event."""
+    try:
+        interpretation = branch.interpretation
+    except Exception:
+        return False
+    content = getattr(interpretation, "content", None)
+    return (isinstance(interpretation, uproot.interpretation.jagged.AsJagged)
+            and type(content) is uproot.interpretation.numerical.AsDtype
+            and content.to_dtype.base.kind in "biuf")
+
+
+def _count_leaf(branch) -> str | None:
+    try:
+        leaf = branch.count_leaf
+        return None if leaf is None else leaf.member("fName")
+    except Exception:
+        return None
+
+
+def _ttree_products(tree, shapes: dict) -> dict[str, _Product]:
+    """Every branch, and the NanoAOD-style and Delphes collections."""
+    names = _branch_names(tree)
+    products = {name: _Product("value", (name,)) for name in names}
+    groups: dict[str, list[str]] = {}
     for name in names:
-        counter = getattr(tree[name], "count_branch", None)
-        if counter is None or not counter.name.startswith("n"):
+        counter = _count_leaf(tree[name])
+        if not counter or counter[0] not in "nN" or counter not in products:
             continue
-        prefix = counter.name[1:]
-        if name.startswith(prefix + "_"):
-            found.setdefault(prefix, []).append(name)
-    return {k: v for k, v in found.items() if k not in names}
+        prefix = counter[1:]
+        if name.startswith(prefix + "_") and _numeric_list(tree[name]):
+            groups.setdefault(prefix, []).append(name)
+        elif counter == f"n{name}" and name in shapes:   # recorun's X_f of fixed-size entries
+            collection, _, field = name.rpartition("_")
+            if collection and f"n{collection}" in products:
+                groups.setdefault(collection, []).append(name)
+    for collection, members in groups.items():
+        if collection not in products:
+            products[collection] = _Product("collection", tuple(members),
+                                            tuple(m[len(collection) + 1:] for m in members))
+    seen = set()
+    for branch in tree.branches:                   # Delphes: Particle.PT, Particle.Eta...
+        if branch.name in seen:
+            continue
+        seen.add(branch.name)
+        members = [sub.name for sub in branch.branches
+                   if sub.name.startswith(branch.name + ".") and _numeric_list(sub)
+                   and sub.name[len(branch.name) + 1:] not in DELPHES_BOOKKEEPING]
+        if members:
+            products[branch.name] = _Product("collection", tuple(members), tuple(
+                _DIMENSIONS.sub("", m[len(branch.name) + 1:]) for m in members))
+    return products
+
+
+def _numeric_form(form) -> bool:
+    while isinstance(form, ak.forms.RegularForm):
+        form = form.content
+    return isinstance(form, ak.forms.NumpyForm) and not form.parameter("__array__")
+
+
+def _rntuple_products(tree) -> dict[str, _Product]:
+    """Every top-level field, and for a field ``X`` that is a list of records, the TTree
+    flavour's names: ``X_a`` for each numeric subfield ``a`` and the count ``nX``."""
+    names = _branch_names(tree)
+    products = {name: _Product("value", (name,)) for name in names}
+    form = tree.to_akform()[0]
+    for name in names:
+        field = form.content(name)
+        if not (isinstance(field, (ak.forms.ListOffsetForm, ak.forms.ListForm))
+                and isinstance(field.content, ak.forms.RecordForm)):
+            continue
+        record = field.content
+        numeric = [sub for sub in record.fields if _numeric_form(record.content(sub))]
+        for sub in numeric:
+            products.setdefault(f"{name}_{sub}", _Product("value", (f"{name}.{sub}",)))
+        if record.fields:
+            products.setdefault(f"n{name}", _Product("count", (f"{name}.{record.fields[0]}",)))
+    return products
+
+
+def _fixed_shapes(tree, names) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of the event-level fixed-size arrays of numbers among ``names``."""
+    shapes = {}
+    if isinstance(tree, uproot.TTree):
+        for name in names:
+            try:
+                interpretation = tree[name].interpretation
+            except Exception:
+                continue
+            if (type(interpretation) is uproot.interpretation.numerical.AsDtype
+                    and interpretation.inner_shape):
+                shapes[name] = tuple(interpretation.inner_shape)
+        return shapes
+    form = tree.to_akform()[0]
+    for name in names:
+        field, shape = form.content(name), []
+        while isinstance(field, ak.forms.RegularForm):
+            shape.append(field.size)
+            field = field.content
+        if shape and _numeric_form(field):
+            shapes[name] = (*shape, *field.inner_shape)
+    return shapes
 
 
 def _cluster_edges(path: str, tree_name: str) -> list[int]:
@@ -145,51 +298,118 @@ def _check_readable(tree, path: str, names) -> None:
                              f"be read by uproot ({interpretation})")
 
 
+# -- per-event values of a chunk --------------------------------------------------------------
+
+def _slices(values: np.ndarray, offsets: np.ndarray) -> list:
+    bounds = offsets.tolist()
+    return [values[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _collections(fields: dict[str, np.ndarray], offsets: np.ndarray) -> list:
+    bounds = offsets.tolist()
+    items = list(fields.items())
+    return [Collection({name: values[a:b] for name, values in items})
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def _per_event(array: ak.Array, shape=(), string_list: bool = False) -> list:
+    """One branch's values of a chunk, one Python object per event (see the module doc)."""
+    layout = array.layout
+    values = fixed_size_numpy(layout)
+    if values is not None:                       # numbers, fixed-size arrays of numbers
+        return list(values)
+    if layout.parameter("__array__") in _STRINGS:
+        strings = array.to_list()
+        return [decode_string_list(s) for s in strings] if string_list else strings
+    if layout.is_list and layout.content.parameter("__array__") in _STRINGS:
+        return array.to_list()
+    fields = per_event_fields(array)
+    if fields is not None:
+        return _collections(*fields)
+    split = per_event_numpy(array, shape)
+    if split is not None:
+        return _slices(*split)
+    return list(array)
+
+
 class _Chunk:
-    """One chunk of events, turned into cheap per-event accessors."""
+    """One chunk of events: their IDs and their product dicts, ready to hand out."""
 
-    def __init__(self, arrays: ak.Array, shapes: dict, collections: dict, path: str,
-                 entry_start: int, hidden: frozenset = frozenset()):
-        self.path = path
-        self.entry_start = entry_start
-        self.size = len(arrays)
-        self.columns = {}
-        for name, members in collections.items():
-            zipped = ak.zip({m[len(name) + 1:]: arrays[m] for m in members})
-            self.columns[name] = ("collection", per_event_fields(zipped))
-        for name in arrays.fields:
-            if name in hidden:                    # read only as part of a collection
-                continue
-            array = arrays[name]
-            layout = array.layout
-            if isinstance(layout, ak.contents.NumpyArray):
-                self.columns[name] = ("scalar", ak.to_numpy(array))
-                continue
-            fields = per_event_fields(array)
-            if fields is not None:
-                self.columns[name] = ("collection", fields)
-                continue
-            split = per_event_numpy(array, shapes.get(name, ()))
-            if split is not None:
-                self.columns[name] = ("jagged", split)
-            else:
-                self.columns[name] = ("awkward", array)
+    __slots__ = ("size", "ids", "products")
 
-    def event_products(self, i: int) -> dict:
-        products = {}
-        for name, (kind, data) in self.columns.items():
-            if kind == "scalar":
-                products[name] = data[i]
-            elif kind == "jagged":
-                values, offsets = data
-                products[name] = values[offsets[i]:offsets[i + 1]]
-            elif kind == "collection":
-                fields, offsets = data
-                start, stop = offsets[i], offsets[i + 1]
-                products[name] = Collection({f: v[start:stop] for f, v in fields.items()})
-            else:
-                products[name] = data[i]
-        return products
+    def __init__(self, ids: list, products: list):
+        self.size, self.ids, self.products = len(ids), ids, products
+
+
+class _ChunkReader:
+    """Turns the arrays uproot reads from one file's tree into :class:`_Chunk` s."""
+
+    def __init__(self, source: "RootSource", path: str, tree, file):
+        self.source, self.path = source, path
+        self.rntuple = not isinstance(tree, uproot.TTree)
+        keys = set(tree.keys() if self.rntuple else tree.keys(full_paths=False))
+        missing = [key for key in source.selected if key not in keys]
+        if missing:
+            raise InputError(f"{path}: tree '{tree.name}' has no branch "
+                             f"'{missing[0]}' (the first file has it)")
+        # a whole RNTuple field makes the keys of its subfields moot
+        self.reads = [key for key in source.selected
+                      if not (self.rntuple and key.partition(".")[0] in source.selected
+                              and "." in key)]
+        self.shapes = read_shapes(file)
+        self.string_lists = read_string_lists(file)
+        self.tags = [f"{source.label}:{name}" for name in source.wanted]
+        self.products = [source._products[name] for name in source.wanted]
+
+    def chunk(self, arrays: ak.Array, numbered: int) -> _Chunk:
+        """``numbered``: the events read before this chunk (they number events when the
+        files have no 'event' branch)."""
+        size = len(arrays)
+        columns = [self._values(arrays, product) for product in self.products]
+        products = ([dict(zip(self.tags, row)) for row in zip(*columns)] if columns
+                    else [{} for _ in range(size)])
+        return _Chunk(self._ids(arrays, size, numbered), products)
+
+    def _column(self, arrays: ak.Array, key: str) -> ak.Array:
+        if self.rntuple and "." in key:                  # an RNTuple subfield: X.a
+            outer, _, inner = key.partition(".")
+            return arrays[outer][inner]
+        return arrays[key]
+
+    def _values(self, arrays: ak.Array, product: _Product) -> list:
+        """One product's per-event values."""
+        if product.kind == "count":
+            counts = ak.num(self._column(arrays, product.reads[0]), axis=1)
+            return list(ak.to_numpy(counts).astype(np.int32))
+        if product.kind == "value":
+            key = product.reads[0]
+            return _per_event(self._column(arrays, key), self.shapes.get(key, ()),
+                              key in self.string_lists)
+        fields, offsets = {}, None
+        for field, key in zip(product.fields, product.reads):
+            split = per_event_numpy(self._column(arrays, key), self.shapes.get(key, ()))
+            if split is None:
+                raise InputError(f"{self.path}: branch '{key}' is not a list of numbers per event "
+                                 f"and cannot be a field of a collection")
+            if offsets is None:
+                offsets = split[1]
+            elif not np.array_equal(split[1], offsets):
+                raise InputError(f"{self.path}: branch '{key}' has not as many entries per event as "
+                                 f"'{product.reads[0]}': they cannot form one collection")
+            fields[field] = split[0]
+        return _collections(fields, offsets)
+
+    def _ids(self, arrays: ak.Array, size: int, numbered: int) -> list:
+        source = self.source
+        if "event" in arrays.fields:
+            def ints(name, default):
+                if name not in arrays.fields:
+                    return itertools.repeat(default)
+                return ak.to_numpy(arrays[name]).tolist()
+            return list(map(EventID, ints("run", source.run), ints("luminosityBlock", 1),
+                            ints("event", 0)))
+        first = source.first_event + source.skip + numbered
+        return [EventID(source.run, 1, number) for number in range(first, first + size)]
 
 
 class RootSource(Source):
@@ -198,8 +418,9 @@ class RootSource(Source):
     files = Param(str | list[str], doc="files or glob patterns, read in this order")
     tree = Param(str, "", doc="TTree or RNTuple name (empty: the file's only one)")
     branches = Param(list[str], [], doc="branches to read even when no module consumes them")
-    step_size = Param(int, 1000, doc="events read per chunk")
-    skip = Param(int, 0, doc="entries to skip at the start (across files)")
+    step_size = Param(int, 1000, doc="events read per chunk (at least 1)")
+    skip = Param(int, 0, doc="entries to skip at the start (across files); less than the "
+                             "entries of the readable files")
     first_event = Param(int, 1, doc="number of the first entry when the files have no 'event' "
                                     "branch (entry k is event first_event + k, skip or not)")
     run = Param(int, 1, doc="run number when the files have no 'run' branch")
@@ -208,9 +429,10 @@ class RootSource(Source):
 
     def __init__(self, **params):
         super().__init__(**params)
-        if self.step_size < 1 or self.skip < 0:
-            raise InputError(f"RootSource: step_size must be >= 1 and skip >= 0 "
-                             f"(got {self.step_size}, {self.skip})")
+        if self.step_size < 1:
+            raise ParamError("step_size", f"step_size must be at least 1 (got {self.step_size})")
+        if self.skip < 0:
+            raise ParamError("skip", f"skip must be 0 or more (got {self.skip})")
         self.skipped: list[dict] = []
         self.paths = self._expand(self.files)
         self._entries: dict[str, int] = {}
@@ -222,21 +444,24 @@ class RootSource(Source):
                 tree = _find_tree(file, path, self.tree)
                 self._entries[path] = tree.num_entries
                 if first is None:
-                    first = (path, file, tree, read_shapes(file))
+                    first = (path, file, tree)
             except InputError as exc:
                 self._bad_file(path, exc, 0)
         if first is None:
             raise InputError("RootSource: no readable input file among "
                              f"{', '.join(self.paths)}")
-        self._first_path, self._first_file, first_tree, self.shapes = first
-        self.tree_name = first_tree.name
-        self.available = _branch_names(first_tree)
-        self.collections = _collections(first_tree, self.available)
-        self._read_collections: dict[str, list[str]] = {}
-        self._members_only: set[str] = set()     # branches read only for a collection
-        self._first_tree = first_tree
         self.paths = [p for p in self.paths if p in self._entries]
-        self.selected = [b for b in ID_BRANCHES if b in self.available]
+        self._check_skip()
+        self._first_path, self._first_file, self._first_tree = first
+        self.tree_name = self._first_tree.name
+        self.available = _branch_names(self._first_tree)
+        self._products = (_ttree_products(self._first_tree, read_shapes(self._first_file))
+                          if isinstance(self._first_tree, uproot.TTree)
+                          else _rntuple_products(self._first_tree))
+        self._shapes: dict[str, tuple[int, ...]] | None = None
+        self.wanted: list[str] = []                  # the products every event carries
+        self.selected: list[str] = []                # the uproot keys read
+        self._want([b for b in ID_BRANCHES if b in self.available], "event ID")
         self._want(self.branches, "branches")
 
     # -- set-up -----------------------------------------------------------------------------
@@ -255,6 +480,16 @@ class RootSource(Source):
             raise InputError("RootSource: 'files' names no file")
         return paths
 
+    def _check_skip(self) -> None:
+        """``skip`` must leave at least one entry of the readable files."""
+        total = sum(self._entries.values())
+        if self.skip and self.skip >= total:
+            count = len(self.paths)
+            names = ", ".join(self.paths[:3]) + (f" and {count - 3} more" if count > 3 else "")
+            files = f"{count} file{'s' if count > 1 else ''}: {names}"
+            raise ParamError("skip", f"skip {self.skip} is past the end of the input ({total} "
+                                     f"entries in {files})")
+
     def _bad_file(self, path: str, error: Exception, entries_read: int) -> None:
         if not self.skip_bad_files:
             raise error if isinstance(error, InputError) else InputError(str(error))
@@ -263,26 +498,30 @@ class RootSource(Source):
 
     def _want(self, names, what: str) -> None:
         for name in names:
-            if name in self.collections:
-                self._read_collections[name] = self.collections[name]
-                members = [m for m in self.collections[name] if m not in self.selected]
-                self._want(self.collections[name], f"member of collection '{name}'")
-                self._members_only.update(members)
-                continue
-            self._members_only.discard(name)
-            if name not in self.available:
-                near = difflib.get_close_matches(name, self.available + list(self.collections),
-                                                 n=3)
+            product = self._products.get(name)
+            if product is None:
+                near = difflib.get_close_matches(name, list(self._products), n=3)
                 hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
                 raise InputError(f"{self._first_path}: tree '{self.tree_name}' has no branch "
                                  f"'{name}' ({what}){hint}")
-            if name not in self.selected:
-                self.selected.append(name)
-        _check_readable(self._first_tree, self._first_path,
-                        [n for n in names if n not in self.collections])
+            _check_readable(self._first_tree, self._first_path, product.reads)
+            if name not in self.wanted:
+                self.wanted.append(name)
+            self.selected.extend(r for r in product.reads if r not in self.selected)
 
     def product_tags(self) -> list[str]:
-        return [f"{self.label}:{name}" for name in [*self.available, *self.collections]]
+        return [f"{self.label}:{name}" for name in self._products]
+
+    def product_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{tag: shape}`` of the event-level fixed-size arrays among the tree's branches
+        (TTree ``float x[5]``, RNTuple ``std::array<float, 5>``: ``(5,)``)."""
+        if self._shapes is None:
+            tree = self._first_tree
+            if tree is None:
+                tree = _find_tree(_open(self._first_path), self._first_path, self.tree)
+            names = [n for n, p in self._products.items() if p.kind == "value" and p.reads == (n,)]
+            self._shapes = _fixed_shapes(tree, names)
+        return {f"{self.label}:{name}": shape for name, shape in self._shapes.items()}
 
     def select_products(self, tags) -> None:
         wanted = [tag.partition(":")[2] for tag in sorted(tags) if tag_label(tag) == self.label]
@@ -296,9 +535,8 @@ class RootSource(Source):
         self._max = max_events
         self._chunks: queue.Queue = queue.Queue(maxsize=1 if self.prefetch else 0)
         self._stop = threading.Event()
-        self._chunk: _Chunk | None = None
+        self._chunk = _Chunk([], [])
         self._row = 0
-        self._numbered = 0
         self._first_tree = None          # the reader opens files itself
         if self.prefetch:
             self._reader = threading.Thread(target=self._read_all, name="recorun-root-reader",
@@ -312,6 +550,7 @@ class RootSource(Source):
         """Chunks of all files in order, after ``skip`` entries; at most ``max_events``."""
         to_skip = self.skip
         left = self._max
+        numbered = 0
         for path in self.paths:
             if left == 0 or self._stop.is_set():
                 return
@@ -327,16 +566,12 @@ class RootSource(Source):
                 if file is None or path != self._first_path:
                     file = _open(path)
                 tree = _find_tree(file, path, self.tree)
-                missing = [b for b in self.selected if b not in _branch_names(tree)]
-                if missing:
-                    raise InputError(f"{path}: tree '{tree.name}' has no branch "
-                                     f"'{missing[0]}' (the first file has it)")
-                shapes = read_shapes(file)
-                for arrays in tree.iterate(self.selected, step_size=self.step_size,
+                reader = _ChunkReader(self, path, tree, file)
+                for arrays in tree.iterate(reader.reads, step_size=self.step_size,
                                            entry_start=start, entry_stop=stop, library="ak"):
-                    yield _Chunk(arrays, shapes, self._read_collections, path, done,
-                                 frozenset(self._members_only))
+                    yield reader.chunk(arrays, numbered)
                     done += len(arrays)
+                    numbered += len(arrays)
                     if left is not None:
                         left -= len(arrays)
                     if self._stop.is_set():
@@ -381,20 +616,22 @@ class RootSource(Source):
         return item
 
     def next_event(self, index: int) -> Event | None:
-        while self._chunk is None or self._row >= self._chunk.size:
-            self._chunk = self._next_chunk()
-            self._row = 0
-            if self._chunk is None:
+        chunk, row = self._chunk, self._row
+        if row >= chunk.size:
+            chunk, row = self._next_nonempty_chunk(), 0
+            if chunk is None:
                 return None
-        products = self._chunk.event_products(self._row)
-        self._row += 1
-        if "event" in products:
-            event_id = EventID(int(products.get("run", self.run)),
-                               int(products.get("luminosityBlock", 1)), int(products["event"]))
-        else:
-            event_id = EventID(self.run, 1, self.first_event + self.skip + self._numbered)
-        self._numbered += 1
-        return Event(event_id, index, {f"{self.label}:{k}": v for k, v in products.items()})
+        self._row = row + 1
+        return Event(chunk.ids[row], index, chunk.products[row])
+
+    def _next_nonempty_chunk(self) -> _Chunk | None:
+        while True:
+            chunk = self._next_chunk()
+            if chunk is None:
+                return None
+            if chunk.size:
+                self._chunk = chunk
+                return chunk
 
     def planned_events(self, max_events):
         total = max(sum(self._entries.values()) - self.skip, 0)

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import skhep_testdata
 import uproot
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO / "workflows" / "workflow_hlt.yaml"
 OUTPUT = Path("out/workflow_hlt_accepted.root")
+HZZ = skhep_testdata.data_path("uproot-HZZ.root")
 HLT = yaml.safe_load(WORKFLOW.read_text())
 LABELS = set(HLT["modules"])
 PATHS = set(HLT["paths"])
@@ -307,6 +309,7 @@ def test_quiet_prints_no_reports(workdir):
     assert "TrigReport" not in run.stdout and "TimeReport" not in run.stdout
     assert "TrigReport" not in run.stderr and "TimeReport" not in run.stderr
     assert "events read" not in run.stderr and "events processed" not in run.stderr
+    assert "FastJet" not in run.stdout + run.stderr              # its banner: not with -q
     assert json.loads((workdir / "r.json").read_text())["events"]["read"] == 20
 
 
@@ -419,3 +422,27 @@ def test_start_at_waits_after_set_up_and_before_the_first_event(workdir):
     report = json.loads((workdir / "r.json").read_text())
     assert report["events"]["read"] == 5
     assert report["wall_s"] < 5            # the wait is not part of the event loop's time
+
+
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
+    """``recorun --list | head -1`` and a job's reports piped into ``head``: no traceback, and
+    the job's exit code and output file stand."""
+    listing = subprocess.run(f"'{sys.executable}' -m recorun.framework.cli --list | head -1",
+                             shell=True, capture_output=True, text=True, cwd=tmp_path,
+                             env=_env(tmp_path), timeout=60)
+    assert listing.stdout.startswith("module types") and listing.stdout.count("\n") == 1
+    assert listing.stderr == ""
+    out = tmp_path / "hzz.root"
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({
+        "source": {"type": "RootSource", "files": HZZ},
+        "modules": {"out": {"type": "RootOutput", "file": str(out),
+                            "products": ["source:NJet"]}},
+        "endpaths": {"e": ["out"]}}))
+    job = subprocess.run(f"'{sys.executable}' -m recorun.framework.cli w.yaml | head -1; "
+                         f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
+                         capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path),
+                         timeout=120)
+    assert job.returncode == 0 and "Traceback" not in job.stderr, job.stderr
+    assert job.stdout.startswith("TrigReport")
+    assert uproot.open(out)["Events"].num_entries == 2421
+

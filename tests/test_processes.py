@@ -125,6 +125,22 @@ def test_the_process_count_can_come_from_the_workflow(reference, tmp_path):
     assert_same_file(out, reference[0])
 
 
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_zero_events_leave_an_existing_output_alone(reference, tmp_path, capsys, caplog,
+                                                    processes):
+    out = tmp_path / "kept.root"
+    out.write_bytes(reference[0].read_bytes())
+    before = (out.stat().st_mtime_ns, out.read_bytes())
+    code = main([WORKFLOW, "-n", "0", "--processes", processes, "--set",
+                 f"modules.output.file={out}", "--report-json", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (out.stat().st_mtime_ns, out.read_bytes()) == before
+    assert "as they are" in captured.err + caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.root", "r.json"]  # no parts
+    assert json.loads((tmp_path / "r.json").read_text())["events"]["read"] == 0
+
+
 def run_in_thread(args) -> tuple[threading.Thread, dict]:
     box: dict = {}
     driver = threading.Thread(target=lambda: box.update(code=main(args)), daemon=True)

@@ -31,8 +31,8 @@ import skhep_testdata
 import uproot
 import yaml
 from recorun.data.layout import SHAPES_KEY, read_shapes, restore_inner
-from recorun import (Analyzer, Collection, Concurrency, ExternalWorkProducer, Filter, InputTag,
-                       InputTagList, Param, Producer)
+from recorun import (Analyzer, Collection, ConfigError, Concurrency, ExternalWorkProducer,
+                     Filter, InputTag, InputTagList, Param, Producer)
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -366,10 +366,9 @@ def test_skip_across_a_file_boundary_and_max_events(parts, prefetch, read_job):
         events, _ = read_job({"files": files, "step_size": 300, "prefetch": prefetch},
                              PART_PRODUCTS, modules=JET_PT, max_events=n)
         assert entries_of(events) == list(range(last))
-    # skip everything: no event, a clean end
-    events, report = read_job({"files": files, "skip": HZZ_EVENTS}, PART_PRODUCTS,
-                              modules=JET_PT)
-    assert events == [] and report["events"]["read"] == 0
+    # skip everything: a configuration error before the first event
+    with pytest.raises(ConfigError, match=f"skip {HZZ_EVENTS} is past the end"):
+        read_job({"files": files, "skip": HZZ_EVENTS}, PART_PRODUCTS, modules=JET_PT)
 
 
 @pytest.fixture
