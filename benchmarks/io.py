@@ -66,14 +66,12 @@ time, ZSTD(1)) is timed too, for both (``output_vs_uproot_write``,
 ``output_hlt_vs_uproot_write``: plain uproot's time over the whole job's).
 
 Those whole-job figures include the framework's per-event cost (source, scheduler, the Replay
-producer). **RootOutput's own cost** is the time of the job minus the time of the same job
-without RootOutput: the Replay producer alone, on a path, run side by side with (c) and (d)
-(``output_own_vs_uproot_write``, ``output_hlt_own_vs_uproot_write``: plain uproot's time over
-RootOutput's own; ``output_own_s``, ``output_hlt_own_s``). It includes what the framework
-spends calling an output module on an end path for each event (and running the producer on
-demand for it rather than on a path); that part alone is shown by a third job, an output
-module that reads the products and writes nothing (``output_framework_s``,
-``output_hlt_framework_s``: its time minus the Replay producer alone).
+producer, the output module's call). **RootOutput alone** (``output_own_vs_uproot_write``,
+``output_hlt_own_vs_uproot_write``: plain uproot's time over RootOutput's; ``output_own_s``,
+``output_hlt_own_s``) is RootOutput driven directly, outside a job: ``begin_job``, ``write``
+of each event (Events made in memory before the timing, holding the same products), then
+``end_job`` (file close and rename included): its own work of gathering per-event products
+into columns and writing them.
 
 Each measurement runs ``--repeats`` times (default 3), interleaved (HLT a, b, small a, b, then
 c, d and the plain writes; again...), after one untimed warm-up read of each input by each
@@ -96,9 +94,10 @@ import awkward as ak  # noqa: E402
 import numpy as np  # noqa: E402
 import uproot  # noqa: E402
 
+from recorun.modules.root_output import RootOutput  # noqa: E402
 from recorun.modules.root_source import RootSource  # noqa: E402
-from recorun import (Analyzer, Concurrency, InputTag, InputTagList,  # noqa: E402
-                     OutputModule, Param, Producer, run_workflow)
+from recorun import (Analyzer, Concurrency, Event, EventID, InputTag, Param,  # noqa: E402
+                     Producer, run_workflow)
 
 ID_BRANCHES = ["run", "luminosityBlock", "event"]
 BRANCHES = [*ID_BRANCHES, "hits_energy", "hits_ieta", "sumet", "ntowers", "maxet"]
@@ -402,28 +401,31 @@ def _run_output(path: str, events: int, modules: dict) -> float:
     return elapsed
 
 
-class NullOutput(OutputModule):
-    """Reads its products and writes nothing: what the framework costs an output module."""
-
-    products = InputTagList(doc="products read")
-
-    def write(self, event):
-        for tag in self.products:
-            event.get(tag)
-
-
-def null_output(replay: type, store: Store, events: int, products: list[str]) -> float:
-    """The writing job with an output module that writes nothing instead of RootOutput."""
-    return _run_job(events, {"replay": {"type": replay, "store": store},
-                             "out": {"type": NullOutput,
-                                     "products": [f"replay:{p}" for p in products]}},
-                    endpaths={"e": ["out"]})
+def output_alone(path: str, events: list, products: list[str]) -> float:
+    """RootOutput driven directly over ``events`` (Events prepared in memory): its own cost."""
+    if os.path.exists(path):
+        os.remove(path)
+    output = RootOutput("out", file=path, compression="zstd:1", flush_events=1000,
+                        products=[f"replay:{p}" for p in products],
+                        rename={f"replay:{p}": p for p in products})
+    start = time.perf_counter()
+    output.begin_job()
+    for event in events:
+        output.write(event)
+    output.job_complete = True
+    output.end_job()
+    return time.perf_counter() - start
 
 
-def replay_alone(replay: type, store: Store, events: int) -> float:
-    """The writing job without RootOutput: the Replay producer alone, on a path."""
-    return _run_job(events, {"replay": {"type": replay, "store": store}},
-                    paths={"p": ["replay"]})
+def replayed_events(store: Store, products: list[str]) -> list:
+    """The Replay producers' products as Events, in event-number order."""
+    events = []
+    for index, number in enumerate(sorted(store.data)):
+        values = store.data[number]
+        values = values if isinstance(values, tuple) else (values,)
+        events.append(Event(EventID(1, 1, number), index,
+                            {f"replay:{p}": v for p, v in zip(products, values)}))
+    return events
 
 
 def write_output(path: str, store: Store, events: int) -> float:
@@ -502,6 +504,9 @@ def main() -> None:
         ref_path = os.path.join(tmp, "uproot_written.root")
         hlt_out_path = os.path.join(tmp, "written_hlt.root")
         hlt_ref_path = os.path.join(tmp, "uproot_written_hlt.root")
+        alone_path = os.path.join(tmp, "alone.root")
+        small_events = replayed_events(store, list(Replay.produces))
+        hlt_events = replayed_events(digi_store, [DIGI])
         src = uproot.open(path)["Events"].arrays()
         columns = {"run": ak.to_numpy(src["run"]), "luminosityBlock":
                    ak.to_numpy(src["luminosityBlock"]), "event": ak.to_numpy(src["event"]),
@@ -521,8 +526,8 @@ def main() -> None:
         read_source(path, args.step_size)
 
         names = ["uproot", "source", "uproot_small", "source_small", "source_alone",
-                 "iterate_alone", "output", "replay",
-                 "null_output", "uproot_write", "output_hlt", "replay_hlt", "null_output_hlt",
+                 "iterate_alone", "output", "output_alone", "uproot_write", "output_hlt",
+                 "output_alone_hlt",
                  "uproot_write_hlt"]
         times: dict[str, list[float]] = {k: [] for k in names}
         checksums: dict[str, set] = {"hlt": set(), "small": set()}
@@ -538,13 +543,11 @@ def main() -> None:
             times["source_alone"].append(source_alone(path, args.step_size))
             times["iterate_alone"].append(iterate_alone(path, args.step_size))
             times["output"].append(write_output(out_path, store, n_entries))
-            times["replay"].append(replay_alone(Replay, store, n_entries))
-            times["null_output"].append(null_output(Replay, store, n_entries,
-                                                    list(Replay.produces)))
+            times["output_alone"].append(output_alone(alone_path, small_events,
+                                                      list(Replay.produces)))
             times["uproot_write"].append(write_uproot(ref_path, columns, n_entries))
             times["output_hlt"].append(write_output_hlt(hlt_out_path, digi_store, hlt_n))
-            times["replay_hlt"].append(replay_alone(ReplayDigis, digi_store, hlt_n))
-            times["null_output_hlt"].append(null_output(ReplayDigis, digi_store, hlt_n, [DIGI]))
+            times["output_alone_hlt"].append(output_alone(alone_path, hlt_events, [DIGI]))
             times["uproot_write_hlt"].append(write_uproot(hlt_ref_path, hlt_columns, hlt_n))
         for case, found in checksums.items():
             if len(found) != 1:
@@ -559,10 +562,7 @@ def main() -> None:
         hlt_ref_size = os.path.getsize(hlt_ref_path)
 
     best = {k: min(v) for k, v in times.items()}
-    own = best["output"] - best["replay"]                # RootOutput's own cost
-    own_hlt = best["output_hlt"] - best["replay_hlt"]
-    framework = best["null_output"] - best["replay"]    # of that, the framework's output call
-    framework_hlt = best["null_output_hlt"] - best["replay_hlt"]
+    own, own_hlt = best["output_alone"], best["output_alone_hlt"]
     every = ", ".join(f"{k} " + "/".join(f"{x:.3f}" for x in v) for k, v in times.items())
     print(f"best of {args.repeats} (interleaved); every time (s): {every}")
     header = f"{'':34} {'best s':>8} {'events/s':>10} {'MB/s':>8} {'MB':>8}"
@@ -582,18 +582,14 @@ def main() -> None:
           [("(a) plain uproot.iterate", best["uproot"], hlt_read_bytes),
            ("(b) RootSource -> HcalDigi analyzer", best["source"], hlt_read_bytes),
            ("(d) RootOutput write HcalDigi", best["output_hlt"], hlt_out_size),
-           ("    the job without RootOutput", best["replay_hlt"], hlt_out_size),
-           ("    RootOutput's own (d) - that", own_hlt, hlt_out_size),
-           ("    of which an empty output's", framework_hlt, hlt_out_size),
+           ("    RootOutput alone, no job", own_hlt, hlt_out_size),
            ("    plain uproot write", best["uproot_write_hlt"], hlt_ref_size)], hlt_n)
     table(f"small toy events: {n_entries} events x {hits.mean():.0f} hits, step_size "
           f"{args.step_size} (shows the framework's fixed per-event cost; MB: the file)",
           [("(a) plain uproot.iterate", best["uproot_small"], size),
            ("(b) RootSource -> analyzer", best["source_small"], size),
            ("(c) RootOutput write", best["output"], out_size),
-           ("    the job without RootOutput", best["replay"], out_size),
-           ("    RootOutput's own (c) - that", own, out_size),
-           ("    of which an empty output's", framework, out_size),
+           ("    RootOutput alone, no job", own, out_size),
            ("    plain uproot write", best["uproot_write"], ref_size)], n_entries)
     fixed_us = (best["source_small"] - best["uproot_small"]) / n_entries * 1e6
     own_us = (best["source_alone"] - best["iterate_alone"]) / n_entries * 1e6
@@ -605,7 +601,7 @@ def main() -> None:
           f"framework's fixed per-event cost)")
     print(f"RootOutput / plain uproot write (events/s), whole job: HLT events "
           f"{best['uproot_write_hlt'] / best['output_hlt']:.2f}; small events "
-          f"{best['uproot_write'] / best['output']:.2f}. RootOutput's own cost: HLT events "
+          f"{best['uproot_write'] / best['output']:.2f}. RootOutput alone: HLT events "
           f"{best['uproot_write_hlt'] / own_hlt:.2f}; small events "
           f"{best['uproot_write'] / own:.2f}")
     print(json.dumps({
@@ -630,8 +626,6 @@ def main() -> None:
         "uproot_write_hlt_events_per_s": round(hlt_n / best["uproot_write_hlt"], 1),
         "output_hlt_vs_uproot_write": round(best["uproot_write_hlt"] / best["output_hlt"], 3),
         "output_own_s": round(own, 4), "output_hlt_own_s": round(own_hlt, 4),
-        "output_framework_s": round(framework, 4),
-        "output_hlt_framework_s": round(framework_hlt, 4),
         "output_own_vs_uproot_write": round(best["uproot_write"] / own, 3),
         "output_hlt_own_vs_uproot_write": round(best["uproot_write_hlt"] / own_hlt, 3),
         "hlt_events": hlt_n, "hlt_channels": round(float(channels.mean()), 1),

@@ -160,6 +160,14 @@ def _describe(name: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``recorun``: SIGINT and SIGTERM are handled from here to the last report written
     (:mod:`recorun.framework.signals`)."""
+    stderr, sys.stderr = sys.stderr, ReaderSafeStream(sys.stderr)
+    try:
+        return _main_with_signals(argv)
+    finally:
+        sys.stderr = stderr
+
+
+def _main_with_signals(argv: list[str] | None) -> int:
     with job_signals(sys.stderr) as signals:
         try:
             return _main(argv)
@@ -171,6 +179,34 @@ def main(argv: list[str] | None = None) -> int:
             return signal_exit_code(exc.signum)
         finally:
             del signals
+
+
+class ReaderSafeStream:
+    """Standard error whose reader may go away (``recorun W.yaml 2>&1 | head -1``): what is
+    written after that goes nowhere, so that the job runs to its end and keeps its exit
+    code."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.reader_gone = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self.reader_gone = True
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self.reader_gone = True
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def stdout_closed() -> None:
@@ -197,6 +233,23 @@ def _print_reports(report: dict) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         stdout_closed()
+
+
+def _report_folders_problem(args) -> str | None:
+    """The folders of ``--report-json``, ``--resources-json`` and ``--trace`` made before the
+    job runs; what is wrong when one cannot be (the job would lose its report at the end)."""
+    for flag, path in (("--report-json", args.report_json),
+                       ("--resources-json", args.resources_json), ("--trace", args.trace)):
+        if not path:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            return f"{flag} {path}: cannot create its folder {folder}: {exc.strerror or exc}"
+        if os.path.isdir(path):
+            return f"{flag} {path} is a folder: name a file"
+    return None
 
 
 def _stopped_by(exc: RecorunError, err) -> int:
@@ -257,6 +310,10 @@ def _main(argv: list[str] | None) -> int:
               f"{len(config.endpaths)} end paths, {g.graph.number_of_edges()} product edges")
         return EXIT_OK
 
+    problem = _report_folders_problem(args)
+    if problem:
+        err.write(f"recorun: configuration error: {problem}\n")
+        return EXIT_CONFIG
     request = JobRequest(built, args.workflow, overrides, args, quiet=args.quiet, out=err)
     try:
         result = executors[args.executor]().run(request)

@@ -19,7 +19,8 @@ class RecorunError(Exception):
 
 
 class ConfigError(RecorunError):
-    """The workflow is wrong: found before the first event is read."""
+    """The workflow is wrong: found before the first event is read (or, when only an event
+    can show it, at that event: the job stops with this exit code all the same)."""
 
     exit_code = EXIT_CONFIG
 
@@ -54,6 +55,8 @@ class ModuleError(RecorunError):
     def __init__(self, cause: BaseException, *, event_id, stream: int, module_type: str,
                  label: str, method: str, path: str | None = None):
         self.cause = cause
+        if isinstance(cause, ConfigError):   # a configuration error found with an event
+            self.exit_code = EXIT_CONFIG
         self.event_id, self.stream, self.path = event_id, stream, path
         self.module_type, self.label, self.method = module_type, label, method
         on_path = f", path '{path}'" if path else ""

@@ -231,7 +231,7 @@ def _outputs_left_alone(built: BuiltWorkflow, scheduler: Scheduler) -> frozenset
     labels = frozenset(w.label for w, m in scheduler.all_instances()
                        if isinstance(m, OutputModule))
     if labels:
-        log.warning("no event requested (max_events 0): output modules %s write nothing and "
+        log.info("no event requested (max_events 0): output modules %s write nothing and "
                     "leave their files as they are", ", ".join(sorted(labels)))
     return labels
 

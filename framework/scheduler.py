@@ -69,7 +69,7 @@ from threading import get_ident
 import networkx as nx
 
 from .build import BuiltWorkflow
-from .errors import InputError, ModuleError
+from .errors import ConfigError, InputError, ModuleError
 from .event import Event, ModuleEvent, TriggerResults
 from .pool import OrderedQueue, SerialQueue, ThreadPool
 from .graph import TRIGGER_RESULTS
@@ -708,5 +708,7 @@ class Scheduler:
             first = run.error is None
             if first:
                 run.error = error
-        if first and not self.skip_failed:
+        if isinstance(exc, ConfigError):     # found only with an event: it stops the job
+            self.stop("configuration error", error)
+        elif first and not self.skip_failed:
             self.stop("module error", error)

@@ -37,11 +37,12 @@ Collection (records)                counter ``n<name>``; a field with a fixed sh
                                     is its own flat branch (see :mod:`recorun.data.layout`)
 ==================================  ===================================================
 
-RNTuple (``format: rntuple``) stores every layout natively (lists of strings as
-``var * string``). An awkward array per event is written as the NumPy arrays it converts to.
-Anything else (Python lists of numbers or of lists: use NumPy arrays; arbitrary Python
-objects) cannot be written: the job fails at the first event that has it, naming the product,
-the branch and the type.
+RNTuple (``format: rntuple``) stores every layout of this table natively (lists of strings as
+``var * string``, no flattened shapes). An awkward array per event is written as the NumPy
+arrays it converts to. Anything else (lists of lists, such as a ``vector<vector<double>>``
+branch read by RootSource; Python lists of numbers: use NumPy arrays; arbitrary Python
+objects) cannot be written, in a TTree or an RNTuple: the job fails at the first event that
+has it, naming the product, the branch and the type.
 
 **No event.** A job that selects no event still writes the tree, with the ``run``,
 ``luminosityBlock`` and ``event`` branches and no entry; the products' branches are absent,
@@ -603,12 +604,15 @@ class RootOutput(OutputModule):
             self._flush()
 
     def _reject(self, tag: str, value, event_id) -> None:
-        """Take this event's values out of the buffer; raise the mismatch of product ``tag``."""
+        """Take this event's values out of the buffer; raise what is wrong with product
+        ``tag``'s value: a type RootOutput cannot write at all (an empty first value may have
+        passed for a list of strings), else a change of type."""
         for column in self._columns:
             if len(column.values) > len(self._ids):
                 column.values.pop()
-            if column.tag == tag:
-                raise column.mismatch(value, event_id)
+        column = next(c for c in self._columns if c.tag == tag)
+        new_column(tag, column.name, value, event_id, self.product_shapes.get(tag))
+        raise column.mismatch(value, event_id)
 
     def _new_columns(self, event) -> list[_Column]:
         """Each product's column, from its value in the first written event."""
@@ -619,8 +623,10 @@ class RootOutput(OutputModule):
         for column in columns:
             for branch in column.branches(self.format):
                 if branch in owner:
-                    raise ValueError(f"product '{column.tag}' writes branch '{branch}', as "
-                                     f"{owner[branch]} does: rename one of them")
+                    raise ConfigError(f"product '{column.tag}' writes branch "
+                                      f"'{branch}', as {owner[branch]} does (a collection "
+                                      f"writes <name>_<field>): rename one of them or write "
+                                      f"only one", label=self.label, parameter="products")
                 owner[branch] = f"product '{column.tag}'"
         return columns
 
@@ -669,8 +675,8 @@ class RootOutput(OutputModule):
             if self._tree is None:
                 self._make_tree(dict(ID_TYPES))
                 if self.job_complete:
-                    log.warning("%s: no event was selected; %s has an empty tree '%s' (event "
-                                "IDs only)", self.label, self._path, self.tree)
+                    log.info("%s: no event was selected; %s has an empty tree '%s' (event "
+                             "IDs only)", self.label, self._path, self.tree)
             write_shapes(self._file, self._shapes)
             write_string_lists(self._file, self._string_lists)
         finally:

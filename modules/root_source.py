@@ -40,7 +40,10 @@ fields of those names itself.
 Only the branches some module consumes are read (plus ``branches``, plus ``run``,
 ``luminosityBlock`` and ``event``, which give the event IDs when present). Files are read in
 order, ``step_size`` events at a time; with ``prefetch`` the next chunk is read, and turned
-into per-event products, by a background thread while the current one is processed.
+into per-event products, by a background thread while the current one is processed. Every
+entry is an event, also when no branch is consumed. The branches are those of the first file
+with entries: an empty file (a job that selected no event writes one with the event IDs only)
+gives no event, and when every file is empty a consumed branch may be missing (0 events).
 
 A wrong ``step_size`` or ``skip`` (``skip`` at or past the end of the readable input) is a
 configuration error naming the parameter. Every problem with the input is an
@@ -341,6 +344,13 @@ class _Chunk:
         self.size, self.ids, self.products = len(ids), ids, products
 
 
+def _entries_only(start: int, stop: int, step: int):
+    """Chunks of entries with no branch read (no module consumes any, the file has no event
+    IDs): records without fields, one per entry, so that every entry is still an event."""
+    for first in range(start, stop, step):
+        yield ak.Array(ak.contents.RecordArray([], [], length=min(step, stop - first)))
+
+
 class _ChunkReader:
     """Turns the arrays uproot reads from one file's tree into :class:`_Chunk` s."""
 
@@ -351,7 +361,7 @@ class _ChunkReader:
         missing = [key for key in source.selected if key not in keys]
         if missing:
             raise InputError(f"{path}: tree '{tree.name}' has no branch "
-                             f"'{missing[0]}' (the first file has it)")
+                             f"'{missing[0]}' ({source._first_path} has it)")
         # a whole RNTuple field makes the keys of its subfields moot
         self.reads = [key for key in source.selected
                       if not (self.rntuple and key.partition(".")[0] in source.selected
@@ -443,7 +453,9 @@ class RootSource(Source):
                 file = _open(path)
                 tree = _find_tree(file, path, self.tree)
                 self._entries[path] = tree.num_entries
-                if first is None:
+                # the branches are those of the first file with entries: an empty file
+                # (a job that selected no event) may lack the products' branches
+                if first is None or (first[2].num_entries == 0 and tree.num_entries > 0):
                     first = (path, file, tree)
             except InputError as exc:
                 self._bad_file(path, exc, 0)
@@ -499,6 +511,12 @@ class RootSource(Source):
     def _want(self, names, what: str) -> None:
         for name in names:
             product = self._products.get(name)
+            if product is None and not sum(self._entries.values()):
+                # every file is empty (jobs that selected no event): no event will need it
+                log.info("RootSource: %s has no branch '%s', and no entry: 0 events",
+                         self._first_path, name)
+                self._products[name] = _Product("absent", ())
+                continue
             if product is None:
                 near = difflib.get_close_matches(name, list(self._products), n=3)
                 hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""
@@ -567,8 +585,10 @@ class RootSource(Source):
                     file = _open(path)
                 tree = _find_tree(file, path, self.tree)
                 reader = _ChunkReader(self, path, tree, file)
-                for arrays in tree.iterate(reader.reads, step_size=self.step_size,
-                                           entry_start=start, entry_stop=stop, library="ak"):
+                pieces = (tree.iterate(reader.reads, step_size=self.step_size,
+                                       entry_start=start, entry_stop=stop, library="ak")
+                          if reader.reads else _entries_only(start, stop, self.step_size))
+                for arrays in pieces:
                     yield reader.chunk(arrays, numbered)
                     done += len(arrays)
                     numbered += len(arrays)

@@ -445,4 +445,45 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
     assert job.returncode == 0 and "Traceback" not in job.stderr, job.stderr
     assert job.stdout.startswith("TrigReport")
     assert uproot.open(out)["Events"].num_entries == 2421
+    # standard error closed too, by a job that fails: its exit code stands
+    (tmp_path / "boom.py").write_text(
+        "from recorun import Analyzer, Concurrency\n\n\n"
+        "class Boom(Analyzer):\n"
+        "    \"\"\"Fault injection: raises on event 3.\"\"\"\n"
+        "    concurrency = Concurrency.SHARED\n\n"
+        "    def analyze(self, event):\n"
+        "        if event.id.event == 3:\n"
+        "            raise RuntimeError('injected fault on event 3')\n")
+    (tmp_path / "boom.yaml").write_text(yaml.safe_dump({
+        "source": {"type": "RootSource", "files": HZZ},
+        "modules": {"boom": {"type": "boom:Boom"}}, "paths": {"p": ["boom"]}}))
+    for pipe in ("2>&1 | head -1", "2>&1 >/dev/null | head -0"):
+        failed = subprocess.run(f"'{sys.executable}' -m recorun.framework.cli boom.yaml {pipe}; "
+                                f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
+                                capture_output=True, text=True, cwd=tmp_path,
+                                env=_env(tmp_path), timeout=120)
+        assert failed.returncode == 4, (pipe, failed.stdout, failed.stderr)
 
+
+
+def test_report_files_get_their_folders_or_stop_the_job_before_it_runs(tmp_path):
+    out = tmp_path / "hzz.root"
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({
+        "source": {"type": "RootSource", "files": HZZ},
+        "modules": {"out": {"type": "RootOutput", "file": str(out),
+                            "products": ["source:NJet"]}},
+        "endpaths": {"e": ["out"]}}))
+    made = subprocess.run([sys.executable, "-m", "recorun.framework.cli", "w.yaml", "-q",
+                           "--report-json", "new/deeper/r.json", "--trace", "t/trace.json"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert json.loads((tmp_path / "new/deeper/r.json").read_text())["events"]["read"] == 2421
+    assert (tmp_path / "t/trace.json").is_file()
+    out.unlink()
+    (tmp_path / "regular.txt").write_text("")
+    bad = subprocess.run([sys.executable, "-m", "recorun.framework.cli", "w.yaml", "-q",
+                          "--report-json", "regular.txt/r.json"], cwd=tmp_path,
+                         env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--report-json regular.txt/r.json" in bad.stderr
+    assert not out.exists()                                  # stopped before it ran

@@ -9,6 +9,7 @@ chunks run.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import signal
@@ -128,6 +129,7 @@ def test_the_process_count_can_come_from_the_workflow(reference, tmp_path):
 @pytest.mark.parametrize("processes", ["1", "2"])
 def test_zero_events_leave_an_existing_output_alone(reference, tmp_path, capsys, caplog,
                                                     processes):
+    caplog.set_level(logging.INFO)
     out = tmp_path / "kept.root"
     out.write_bytes(reference[0].read_bytes())
     before = (out.stat().st_mtime_ns, out.read_bytes())

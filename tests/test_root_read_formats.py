@@ -365,3 +365,37 @@ def test_cli_pre_release_rntuple_exits_3(tmp_path):
     run = run_cli(tmp_path, {"files": OLD_RNTUPLE})
     assert run.returncode == 3, run.stderr
     assert "'Staff' is an RNTuple of the pre-release format" in run.stderr, run.stderr
+
+
+class CountEvents(Analyzer):
+    """Consumes nothing; counts the events it sees."""
+
+    concurrency = Concurrency.SHARED
+    recorder = Param(object, doc="the test's Recorder")
+
+    def analyze(self, event):
+        self.recorder.record(tuple(event.id))
+
+
+def test_every_entry_is_an_event_when_no_branch_is_consumed(new_recorder, run_guarded):
+    recorder = new_recorder()
+    result = run_guarded({"process": {"report_every_s": 0, "threads": 2, "streams": 2},
+                          "source": {"type": "RootSource", "files": HZZ, "step_size": 1000},
+                          "modules": {"count": {"type": CountEvents, "recorder": recorder}},
+                          "paths": {"p": ["count"]}})
+    assert result.exit_code == 0 and result.report["events"]["read"] == HZZ_EVENTS
+    assert sorted(e[0][2] for e in recorder.entries) == list(range(1, HZZ_EVENTS + 1))
+
+
+def test_an_empty_file_first_in_the_list_gives_no_event_and_no_error(tmp_path, read_job):
+    """A job that selected no event wrote a tree with the event IDs only; read before a full
+    file, it adds no event and does not hide the full file's branches."""
+    empty = tmp_path / "empty.root"
+    with uproot.recreate(empty) as f:
+        f.mktree("events", {"event": np.int64, "run": np.int32, "luminosityBlock": np.int32})
+    events, report = read_job({"files": [str(empty), HZZ]}, ["source:Jet", "source:NJet"])
+    assert len(events) == HZZ_EVENTS and report["events"]["read"] == HZZ_EVENTS
+    assert all(len(e[2]["source:Jet"]) == e[2]["source:NJet"] for e in events)
+    # empty files alone: zero events, whatever they lack
+    events, report = read_job({"files": [str(empty), str(empty)]}, ["source:Jet"])
+    assert events == [] and report["events"]["read"] == 0
