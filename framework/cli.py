@@ -187,7 +187,7 @@ class ReaderSafeStream:
     code."""
 
     def __init__(self, stream):
-        self._stream = stream
+        self._stream = stream if stream is not None else open(os.devnull, "w")   # 2>&-
         self.reader_gone = False
 
     def write(self, text: str) -> int:
@@ -236,10 +236,12 @@ def _print_reports(report: dict) -> None:
 
 
 def _report_folders_problem(args) -> str | None:
-    """The folders of ``--report-json``, ``--resources-json`` and ``--trace`` made before the
-    job runs; what is wrong when one cannot be (the job would lose its report at the end)."""
+    """The folders of ``--report-json``, ``--resources-json``, ``--trace`` and
+    ``--dump-graph`` made before the job runs; what is wrong when one cannot be (the job would
+    lose its report at the end)."""
     for flag, path in (("--report-json", args.report_json),
-                       ("--resources-json", args.resources_json), ("--trace", args.trace)):
+                       ("--resources-json", args.resources_json), ("--trace", args.trace),
+                       ("--dump-graph", args.dump_graph)):
         if not path:
             continue
         folder = os.path.dirname(os.path.abspath(path))
@@ -301,19 +303,20 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_CONFIG
     for warning in built.graph.warnings():
         err.write(f"recorun: warning: {config.file}: {warning}\n")
+    problem = _report_folders_problem(args)
+    if problem:
+        err.write(f"recorun: configuration error: {problem}\n")
+        return EXIT_CONFIG
     if args.dump_graph:
         written = built.graph.write(args.dump_graph)
-        err.write(f"recorun: module graph written to {written}\n")
+        if not args.quiet:
+            err.write(f"recorun: module graph written to {written}\n")
     if args.check:
         g = built.graph
         print(f"{config.file}: OK: {len(g.nodes)} modules, {len(config.paths)} paths, "
               f"{len(config.endpaths)} end paths, {g.graph.number_of_edges()} product edges")
         return EXIT_OK
 
-    problem = _report_folders_problem(args)
-    if problem:
-        err.write(f"recorun: configuration error: {problem}\n")
-        return EXIT_CONFIG
     request = JobRequest(built, args.workflow, overrides, args, quiet=args.quiet, out=err)
     try:
         result = executors[args.executor]().run(request)

@@ -156,8 +156,10 @@ def describe(value) -> str:
     if isinstance(value, ak.Array):
         return f"an awkward array of type {value.type}"
     cls = type(value)
-    where = "" if cls.__module__ == "builtins" else f"{cls.__module__}."
-    return f"a {where}{cls.__qualname__}"
+    name = cls.__qualname__
+    if cls.__module__ != "builtins":
+        name = f"{cls.__module__}.{name}"
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _scalar_dtype(value) -> np.dtype | None:
@@ -621,7 +623,7 @@ class RootOutput(OutputModule):
                    for tag, name in zip(self.products, self.names)]
         owner = dict.fromkeys(ID_TYPES, "the event IDs")
         for column in columns:
-            for branch in column.branches(self.format):
+            for branch in column.branches("ttree"):   # the names readers give, any format
                 if branch in owner:
                     raise ConfigError(f"product '{column.tag}' writes branch "
                                       f"'{branch}', as {owner[branch]} does (a collection "

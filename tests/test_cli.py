@@ -424,24 +424,32 @@ def test_start_at_waits_after_set_up_and_before_the_first_event(workdir):
     assert report["wall_s"] < 5            # the wait is not part of the event loop's time
 
 
-def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
-    """``recorun --list | head -1`` and a job's reports piped into ``head``: no traceback, and
-    the job's exit code and output file stand."""
-    listing = subprocess.run(f"'{sys.executable}' -m recorun.framework.cli --list | head -1",
-                             shell=True, capture_output=True, text=True, cwd=tmp_path,
-                             env=_env(tmp_path), timeout=60)
-    assert listing.stdout.startswith("module types") and listing.stdout.count("\n") == 1
-    assert listing.stderr == ""
-    out = tmp_path / "hzz.root"
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump({
+def hzz_to_root(cwd: Path) -> Path:
+    """``cwd/w.yaml``: HZZ's NJet written to ``cwd/hzz.root`` (returned)."""
+    out = cwd / "hzz.root"
+    (cwd / "w.yaml").write_text(yaml.safe_dump({
         "source": {"type": "RootSource", "files": HZZ},
         "modules": {"out": {"type": "RootOutput", "file": str(out),
                             "products": ["source:NJet"]}},
         "endpaths": {"e": ["out"]}}))
-    job = subprocess.run(f"'{sys.executable}' -m recorun.framework.cli w.yaml | head -1; "
-                         f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
-                         capture_output=True, text=True, cwd=tmp_path, env=_env(tmp_path),
-                         timeout=120)
+    return out
+
+
+def piped(cwd: Path, command: str) -> subprocess.CompletedProcess:
+    """``recorun COMMAND`` in bash, its exit code that of recorun, not of the pipe's end."""
+    return subprocess.run(f"'{sys.executable}' -m recorun.framework.cli {command}; "
+                          f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, cwd=cwd, env=_env(cwd), timeout=120)
+
+
+def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
+    """``recorun --list | head -1`` and a job's reports piped into ``head``: no traceback, and
+    the job's exit code and output file stand."""
+    listing = piped(tmp_path, "--list | head -1")
+    assert listing.returncode == 0 and listing.stderr == ""
+    assert listing.stdout.startswith("module types") and listing.stdout.count("\n") == 1
+    out = hzz_to_root(tmp_path)
+    job = piped(tmp_path, "w.yaml | head -1")
     assert job.returncode == 0 and "Traceback" not in job.stderr, job.stderr
     assert job.stdout.startswith("TrigReport")
     assert uproot.open(out)["Events"].num_entries == 2421
@@ -457,33 +465,21 @@ def test_a_closed_stdout_ends_the_command_quietly(tmp_path):
     (tmp_path / "boom.yaml").write_text(yaml.safe_dump({
         "source": {"type": "RootSource", "files": HZZ},
         "modules": {"boom": {"type": "boom:Boom"}}, "paths": {"p": ["boom"]}}))
-    for pipe in ("2>&1 | head -1", "2>&1 >/dev/null | head -0"):
-        failed = subprocess.run(f"'{sys.executable}' -m recorun.framework.cli boom.yaml {pipe}; "
-                                f"exit ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
-                                capture_output=True, text=True, cwd=tmp_path,
-                                env=_env(tmp_path), timeout=120)
+    for pipe in ("2>&1 | head -1", "2>&1 >/dev/null | head -0", "2>&- >/dev/null"):
+        failed = piped(tmp_path, f"boom.yaml {pipe}")
         assert failed.returncode == 4, (pipe, failed.stdout, failed.stderr)
 
 
-
 def test_report_files_get_their_folders_or_stop_the_job_before_it_runs(tmp_path):
-    out = tmp_path / "hzz.root"
-    (tmp_path / "w.yaml").write_text(yaml.safe_dump({
-        "source": {"type": "RootSource", "files": HZZ},
-        "modules": {"out": {"type": "RootOutput", "file": str(out),
-                            "products": ["source:NJet"]}},
-        "endpaths": {"e": ["out"]}}))
-    made = subprocess.run([sys.executable, "-m", "recorun.framework.cli", "w.yaml", "-q",
-                           "--report-json", "new/deeper/r.json", "--trace", "t/trace.json"],
-                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
-                          timeout=120)
-    assert made.returncode == 0, made.stderr
+    out = hzz_to_root(tmp_path)
+    made = piped(tmp_path, "w.yaml -q --report-json new/deeper/r.json --trace t/trace.json "
+                           "--dump-graph g/graph.dot")
+    assert made.returncode == 0 and made.stderr == "", made.stderr
+    assert "digraph" in (tmp_path / "g/graph.dot").read_text()
     assert json.loads((tmp_path / "new/deeper/r.json").read_text())["events"]["read"] == 2421
     assert (tmp_path / "t/trace.json").is_file()
     out.unlink()
     (tmp_path / "regular.txt").write_text("")
-    bad = subprocess.run([sys.executable, "-m", "recorun.framework.cli", "w.yaml", "-q",
-                          "--report-json", "regular.txt/r.json"], cwd=tmp_path,
-                         env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    bad = piped(tmp_path, "w.yaml -q --report-json regular.txt/r.json")
     assert bad.returncode == 2 and "--report-json regular.txt/r.json" in bad.stderr
     assert not out.exists()                                  # stopped before it ran
