@@ -152,8 +152,18 @@ class OutputModule(Module):
     #: merges the parts with :meth:`merge`. None: this output cannot run on a farm.
     output_file_param: ClassVar[str | None] = None
 
+    #: While True, :meth:`skipped` is called for the events this output does not write.
+    wants_skipped: bool = False
+
     def write(self, event) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define write(event)")
+
+    def skipped(self, event) -> None:
+        """Called, in event order and never beside ``write``, for an event this output does
+        not write (not selected; not for failed events) while :attr:`wants_skipped` is True:
+        an output can learn its products' types there (an output that writes no event still
+        knows its branches). The products of modules that did not run are absent; what it
+        raises is logged and ignored."""
 
     @classmethod
     def merge(cls, parts: list[str], destination: str, **params: Any) -> None:

@@ -59,6 +59,7 @@ and never together with ``lock``).
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -75,6 +76,8 @@ from .pool import OrderedQueue, SerialQueue, ThreadPool
 from .graph import TRIGGER_RESULTS
 from .module import Concurrency, ExternalWorkProducer, WaitingTaskHolder
 from .stats import ModuleStats, PathStats
+
+log = logging.getLogger(__name__)
 
 PENDING = object()     # the result is not known yet: the requester is called back
 FAILED = object()      # the module failed, or was skipped because its event had failed
@@ -380,7 +383,11 @@ class Scheduler:
     def _finish_event(self, run: EventRun) -> None:
         index = run.event.index
         for worker in self.ordered:          # outputs that did not write this event
-            worker.queue.release(index)
+            if (worker.copies[0].wants_skipped and run.error is None
+                    and run.states[worker.index] is None):
+                worker.queue.push(index, self._skipped, worker, run.event)
+            else:
+                worker.queue.release(index)
         error = run.error
         failure = None if error is None else {"index": index, **error.to_dict()}
         trigger = run.trigger
@@ -564,6 +571,15 @@ class Scheduler:
         if worker.external:
             return self._acquire(run, worker, state)
         return self._call(run, worker, state.path, worker.method, worker.calls[run.stream])
+
+    @staticmethod
+    def _skipped(worker, event) -> None:
+        """An ordered output's :meth:`~OutputModule.skipped` for an event it does not write."""
+        try:
+            worker.copies[0].skipped(ModuleEvent(event, worker))
+        except Exception as exc:                 # it only learns from the event: no failure
+            log.debug("%s: skipped(%s) raised %s: %s", worker.label, event.id,
+                      type(exc).__name__, exc)
 
     def _queued_result(self, run, worker, state):
         """A queued module's turn: its result, or PENDING (ExternalWork acquired)."""

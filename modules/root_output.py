@@ -44,9 +44,11 @@ branch read by RootSource; Python lists of numbers: use NumPy arrays; arbitrary 
 objects) cannot be written, in a TTree or an RNTuple: the job fails at the first event that
 has it, naming the product, the branch and the type.
 
-**No event.** A job that selects no event still writes the tree, with the ``run``,
-``luminosityBlock`` and ``event`` branches and no entry; the products' branches are absent,
-since their types are known only from a value. A reader finds a valid, empty tree.
+**No event.** A job that writes no event still writes the tree with no entry, its branches
+typed from the products of an event it did not write (:meth:`skipped`: the first one holding
+every product); when no event held them all (their producer ran only for this output), the
+tree has the ``run``, ``luminosityBlock`` and ``event`` branches only. A reader finds a
+valid, empty tree.
 
 The file is written as ``<file>.partial`` and renamed to ``file`` only when the job processed
 every event; a job that stopped early leaves the ``.partial`` file and says so. The output's
@@ -72,7 +74,7 @@ import uproot
 
 from recorun.data.layout import (branch_name, encode_string_list, read_shapes,
                                  read_string_lists, safe_name, write_shapes, write_string_lists)
-from recorun import Collection, ConfigError, InputTagList, OutputModule, Param
+from recorun import Collection, ConfigError, InputTagList, OutputModule, Param, ProductNotFound
 from recorun.framework.event import canonical_tag
 from recorun.framework.params import ParamError
 
@@ -455,6 +457,16 @@ def _record_fields(tag: str, name: str, value, event_id) -> dict:
     return fields
 
 
+class _Example:
+    """An event's ID and products, kept to type the branches of an output that wrote none."""
+
+    def __init__(self, event_id, products: dict):
+        self.id, self._products = event_id, products
+
+    def get(self, tag: str):
+        return self._products[tag]
+
+
 def new_column(tag: str, name: str, value, event_id, shape=None) -> _Column:
     """The column for a product whose first written value is ``value``; TypeError when
     RootOutput cannot write it. ``shape``: the fixed shape the source declared, if any."""
@@ -587,10 +599,23 @@ class RootOutput(OutputModule):
         self._shapes: dict[str, tuple] = {}
         self._string_lists: set[str] = set()
         self._ids: list = []
+        self._example = None            # an unwritten event's products, for the types
+        self.wants_skipped = True
         self.written = 0
+
+    def skipped(self, event):
+        """An event not written: its products give the branches' types, should no event be
+        written (a first event holding every product is kept)."""
+        try:
+            products = {tag: event.get(tag) for tag in self.products}
+        except ProductNotFound:
+            return
+        self._example = _Example(event.id, products)
+        self.wants_skipped = False
 
     def write(self, event):
         if self._columns is None:
+            self.wants_skipped = False
             self._columns = self._new_columns(event)
             self._plan = [(c.tag, c.convert, c.matches, c.values.append) for c in self._columns]
         get = event.get
@@ -648,6 +673,25 @@ class RootOutput(OutputModule):
             self._string_lists.update(column.string_lists(self.format))
         return chunk
 
+    def _types_without_events(self) -> dict:
+        """The branch types of a job that wrote no event: from an event it did not write
+        when one held every product (:meth:`skipped`), else the event IDs only."""
+        if self._example is not None:
+            try:
+                self._columns = self._new_columns(self._example)
+                for column in self._columns:
+                    column.values.append(self._example.get(column.tag))
+                self._ids = [self._example.id]
+                return _part_types(self._chunk())
+            except (TypeError, ValueError, ConfigError) as exc:
+                log.warning("%s: the products of the events not written cannot be written "
+                            "(%s): %s has the event IDs only", self.label, exc, self._path)
+            finally:
+                self._ids = []
+        log.info("%s: no event was written and none held every product; %s has an empty "
+                 "tree '%s' (event IDs only)", self.label, self._path, self.tree)
+        return dict(ID_TYPES)
+
     def _make_tree(self, types: dict) -> None:
         make = self._file.mktree if self.format == "ttree" else self._file.mkrntuple
         self._tree = make(self.tree, types)
@@ -675,10 +719,7 @@ class RootOutput(OutputModule):
         try:
             self._flush()
             if self._tree is None:
-                self._make_tree(dict(ID_TYPES))
-                if self.job_complete:
-                    log.info("%s: no event was selected; %s has an empty tree '%s' (event "
-                             "IDs only)", self.label, self._path, self.tree)
+                self._make_tree(self._types_without_events())
             write_shapes(self._file, self._shapes)
             write_string_lists(self._file, self._string_lists)
         finally:

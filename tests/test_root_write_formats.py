@@ -405,19 +405,25 @@ def test_an_unwritable_product_fails_at_the_first_event_that_has_it(tmp_path, mo
 # -- 6. no event selected -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["ttree", "rntuple"])
+@pytest.mark.parametrize("path_modules, branches", [
+    (["w", "none"], {"w_word", "w_words"}),     # the products exist in the rejected events
+    (["none"], set()),                          # their producer never ran: event IDs only
+])
 def test_a_job_without_selected_events_writes_an_empty_tree_readable_by_root_source(
-        tmp_path, fmt, run_guarded):
+        tmp_path, fmt, path_modules, branches, run_guarded):
     path = tmp_path / "none.root"
     run_ok(run_guarded, job(empty_source(8), {
         "w": {"type": Words}, "none": {"type": RejectAll},
         "out": output(path, ["w:word", "w:words"], format=fmt)},
-        paths={"p": ["none"]}, select=["p"]))
+        paths={"p": path_modules}, select=["p"]))
     with uproot.open(path) as f:
         tree = f["Events"]
         assert tree.num_entries == 0
-        assert sorted(tree.keys()) == ["event", "luminosityBlock", "run"]
+        assert set(tree.keys(recursive=False)) == {"event", "luminosityBlock", "run", *branches}
     got = read_with_source(run_guarded, path, ["source:event"])
     assert got == {}
+    if branches:                # a next job consuming the written products: 0 events, no error
+        assert read_with_source(run_guarded, path, ["source:w_word"]) == {}
 
 
 # -- 7. merging parts of all of these -------------------------------------------------------------
