@@ -106,8 +106,19 @@ def output_targets(built: BuiltWorkflow) -> dict[str, OutputTarget]:
                               f"(recorun.framework.module.OutputModule)",
                               file=built.config.file, label=label)
         destination = os.path.abspath(str(getattr(module, cls.output_file_param)))
-        targets[label] = OutputTarget(label, cls, cls.output_file_param, destination,
-                                      dict(built.config.modules[label].params))
+        target = OutputTarget(label, cls, cls.output_file_param, destination,
+                              dict(built.config.modules[label].params))
+        where = {"file": built.config.file, "label": label, "parameter": cls.output_file_param}
+        if os.path.islink(target.parts_dir):
+            raise ConfigError(f"{target.parts_dir} is a symbolic link: the chunks' part files "
+                              f"are written there and recorun does not write through links "
+                              f"(remove it)", **where)
+        try:
+            cls.check_destination(destination, **target.params)
+        except ConfigError as exc:
+            exc.file, exc.label = exc.file or built.config.file, exc.label or label
+            raise
+        targets[label] = target
     return targets
 
 

@@ -169,10 +169,10 @@ class _ChunkedRun:
                 + (previous.wall_s if previous else 0.0))
         incomplete = [s for s in states if s.status != "done"]
         error = None
-        if not incomplete and self.stopping is None:
-            if states:
-                merge_outputs(targets, states, self.say)
-            elif targets:
+        if states and not incomplete:     # every chunk done (a signal after that included)
+            merge_outputs(targets, states, self.say)
+        elif not states and self.stopping is None:
+            if targets:
                 for target in targets.values():
                     shutil.rmtree(target.parts_dir, ignore_errors=True)
                 self.say("no event to process: output files left as they are")

@@ -166,6 +166,11 @@ class OutputModule(Module):
         raises is logged and ignored."""
 
     @classmethod
+    def check_destination(cls, destination: str, **params: Any) -> None:
+        """Raise ConfigError if :meth:`merge` could not write ``destination``: called by a
+        chunked job before its first chunk, so that no chunk runs for nothing."""
+
+    @classmethod
     def merge(cls, parts: list[str], destination: str, **params: Any) -> None:
         """Merge ``parts``, the files this output type wrote for consecutive chunks of one
         job's input (in that order), into ``destination``, so that it reads like the file a

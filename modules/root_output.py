@@ -733,6 +733,15 @@ class RootOutput(OutputModule):
                         "complete", self.label, self.written, self._partial)
 
     @classmethod
+    def check_destination(cls, destination, **params):
+        """The merged file is written as ``<destination>.partial``: a link planted there is
+        refused before the first chunk (as :func:`open_partial` would refuse it at the end)."""
+        partial = Path(destination).with_name(Path(destination).name + ".partial")
+        if partial.is_symlink():
+            raise ConfigError(f"{partial} is a symbolic link: the output is written there first "
+                              f"and recorun does not write through links (remove it)")
+
+    @classmethod
     def merge(cls, parts, destination, **params):
         """Concatenate the RootOutput files ``parts`` (consecutive chunks of one job's input,
         in that order) into ``destination``: it reads like the file one job would have written

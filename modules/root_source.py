@@ -105,9 +105,9 @@ def _header_problem(path: str) -> str | None:
 
 
 def _open(path: str):
-    """A local ROOT file, read through a memory map (uproot's ``MemmapSource``): no reader
-    threads or event loop of uproot's own beside the job's, which on small events costs a
-    quarter of the job's time (``benchmarks/io.py``)."""
+    """A local ROOT file, read through a memory map (uproot's ``MemmapSource``): no event-loop
+    thread of uproot's own (its default handler's, woken through a socket for every basket
+    request) competing with the job's threads for the interpreter."""
     if not Path(path).is_file():
         raise InputError(f"{path}: no such file")
     problem = _header_problem(path)

@@ -158,8 +158,10 @@ def status_of(error: BaseException) -> tuple[str, str]:
 
 
 #: gRPC statuses that say a server cannot be reached (or does not answer in time): an outage
-#: when the server's health probes fail too
-UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED")
+#: when the server's health probes fail too. NOT_FOUND counts: the model was there when the
+#: job began, so a server that no longer knows it is going down or restarting (a Triton
+#: whose parent was killed unloads its models for seconds while it still listens)
+UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND")
 #: how often a server marked down is probed: the first pause, then doubling up to the last
 PROBE_S = (0.1, 2.0)
 
@@ -666,6 +668,8 @@ class TritonClient(SonicClient):
         if replacement is not None:
             self._restart(route, [replacement])
             return "resume"
+        waited = now_s - (route.deadline - self.config.outage_s)      # the budget, spent
+        self.stats.add(outage_waits=1, outage_wait_s=max(waited, 0.0))
         return "fail"
 
     def _restart(self, route: _Route, first: list[Endpoint]) -> None:

@@ -139,6 +139,8 @@ def test_a_server_down_past_the_budget_fails_events_with_the_reason(
                                                  ("accepted", "rejected", "failed"))
     error = report["failed_events"][0]["error"]
     assert "outage budget" in error and "StatusCode.UNAVAILABLE" in error and "'only'" in error
+    details = report["modules"]["hcalRecHits"]["details"]          # the wait is reported
+    assert details["outage_waits"] >= 1 and details["outage_wait_s"] >= 1.4
 
 
 def test_with_fallback_true_the_local_server_takes_over_past_the_budget(

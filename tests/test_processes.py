@@ -143,6 +143,18 @@ def test_zero_events_leave_an_existing_output_alone(reference, tmp_path, capsys,
     assert json.loads((tmp_path / "r.json").read_text())["events"]["read"] == 0
 
 
+def test_a_link_planted_at_the_merged_file_stops_the_job_before_any_chunk(tmp_path, capsys):
+    out, victim = tmp_path / "out.root", tmp_path / "victim"
+    victim.write_text("keep me")
+    Path(f"{out}.partial").symlink_to(victim)
+    code = main([WORKFLOW, "--processes", "2", *CHUNK, "--set", f"modules.output.file={out}",
+                 "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "symbolic link" in err and "out.root.partial" in err
+    assert victim.read_text() == "keep me" and not Path(f"{out}.parts").exists()
+    assert " done: " not in err                                   # no chunk ran
+
+
 def run_in_thread(args) -> tuple[threading.Thread, dict]:
     box: dict = {}
     driver = threading.Thread(target=lambda: box.update(code=main(args)), daemon=True)
