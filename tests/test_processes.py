@@ -32,34 +32,6 @@ WORKFLOW = str(REPO / "workflows" / "workflow_hlt_nominal.yaml")
 SAMPLE = REPO / "data" / "samples" / "hlt_sample.root"
 CHUNK = ["--chunk-size", "25"]
 
-FAULTS = '''
-"""Fault and latency injection for the tests of chunked jobs."""
-import os
-import time
-import uuid
-from pathlib import Path
-
-from recorun import Analyzer, Concurrency, Param
-
-
-class FaultInjectingAnalyzer(Analyzer):
-    """Fault injection: raises on event number ``fail_event`` (-1: never), leaving a file in
-    ``record`` each time; injected latency: sleeps ``sleep_s`` per event."""
-
-    concurrency = Concurrency.SHARED
-    fail_event = Param(int, -1, doc="event number on which it raises (-1: none)")
-    sleep_s = Param(float, 0.0, doc="injected latency per event, s")
-    record = Param(str, "", doc="folder for a file per raised fault")
-
-    def analyze(self, event):
-        if self.sleep_s:
-            time.sleep(self.sleep_s)
-        if event.id.event == self.fail_event:
-            if self.record:
-                Path(self.record, f"{os.getpid()}-{uuid.uuid4().hex}").touch()
-            raise RuntimeError(f"injected fault on event {event.id.event}")
-'''
-
 pytestmark = pytest.mark.subprocess
 
 
