@@ -33,10 +33,9 @@ from recorun.framework.cli import main
 from recorun.framework.config import load_workflow
 from recorun.framework.errors import EXIT_MODULE
 
-REPO = Path(__file__).resolve().parents[1]
-WORKFLOW = str(REPO / "workflows" / "workflow_hlt_nominal.yaml")
-SAMPLE = REPO / "data" / "samples" / "hlt_sample.root"
-CHUNK = ["--chunk-size", "25"]
+from chunked_reference import (CHUNK, REPO, SAMPLE, WORKFLOW,  # noqa: F401 (a fixture)
+                               assert_same_counts, assert_same_file, reference)
+
 
 pytestmark = pytest.mark.dask
 
@@ -54,43 +53,9 @@ def cluster(fault_injection):
         cluster.close()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The single-process run: (output file, report)."""
-    folder = tmp_path_factory.mktemp("single")
-    out, report = folder / "single.root", folder / "single.json"
-    assert main([WORKFLOW, "--set", f"modules.output.file={out}", "--report-json", str(report),
-                 "-q"]) == 0
-    return out, json.loads(report.read_text())
-
-
 def on_farm(cluster, *args: str) -> list[str]:
     return [WORKFLOW, "--executor", "dask", "--scheduler-address",
             cluster[0].scheduler_address, *args]
-
-
-def assert_same_file(merged: Path, single: Path) -> None:
-    """Every key, branch, type and value of the two ROOT files, and the layout metadata."""
-    with uproot.open(merged) as a, uproot.open(single) as b:
-        assert sorted(a.keys(cycle=False)) == sorted(b.keys(cycle=False))
-        assert read_shapes(a) == read_shapes(b)
-        ta, tb = a["Events"], b["Events"]
-        assert ta.num_entries == tb.num_entries > 0
-        assert ta.keys() == tb.keys()
-        assert ta.typenames() == tb.typenames()
-        names = tb.keys()
-        for name in names:
-            assert ak.array_equal(ta[name].array(), tb[name].array()), name
-
-
-def assert_same_counts(report: dict, single: dict, *, paths=None) -> None:
-    assert report["events"] == single["events"]
-    assert report["failed_events"] == single["failed_events"] == []
-    for name in paths or single["paths"]:
-        assert report["paths"][name] == single["paths"][name], name
-    for label, module in single["modules"].items():
-        for key in ("runs", "visited", "passed", "rejected", "errors", "type", "kind"):
-            assert report["modules"][label][key] == module[key], (label, key)
 
 
 # -- the plan ----------------------------------------------------------------------------------
@@ -237,7 +202,7 @@ def test_a_killed_worker_loses_no_event(cluster, reference, tmp_path, fault_inje
     report = json.loads(report_json.read_text())
     assert report["chunked"]["chunks_done"] == 4 and report["events"]["read"] == 100
     assert_same_file(out, reference[0])
-    assert_same_counts(report, reference[1], paths=[p for p in reference[1]["paths"]])
+    assert_same_counts(report, reference[1])
     deadline = time.monotonic() + 60
     while len(client.nthreads()) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)                        # the nanny starts the killed worker again
@@ -276,5 +241,5 @@ def test_a_failing_chunk_stops_the_farm_and_resubmit_completes_the_run(
     report = json.loads(report2_json.read_text())
     assert report["chunked"]["chunks_done"] == 4 and report["chunked"]["submissions"] == 2
     assert_same_file(out, reference[0])
-    assert_same_counts(report, reference[1], paths=list(reference[1]["paths"]))
+    assert_same_counts(report, reference[1])
     assert not Path(f"{out}.parts").exists()
