@@ -31,8 +31,10 @@ import skhep_testdata
 import uproot
 import yaml
 from recorun.data.layout import SHAPES_KEY, read_shapes, restore_inner
-from recorun import (Analyzer, Collection, ConfigError, Concurrency, ExternalWorkProducer,
-                     Filter, InputTag, InputTagList, Param, Producer)
+from recorun import (Collection, ConfigError, Concurrency, ExternalWorkProducer, Filter,
+                     InputTag, Param, Producer)
+
+from collect import Collect
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -57,19 +59,6 @@ class JetPt(Producer):
         pt = np.hypot(event.get(self.px), event.get(self.py))
         event.put(pt)
         event.put(float(pt.sum(dtype=np.float64)), "ht")
-
-
-class Collect(Analyzer):
-    """Records ``(event.index, event.id, {tag: product})`` of every event in the test's
-    Recorder."""
-
-    concurrency = Concurrency.SHARED
-    products = InputTagList(doc="products to record")
-    recorder = Param(object, doc="the test's Recorder")
-
-    def analyze(self, event):
-        self.recorder.record(event.index, tuple(event.id),
-                             {tag: event.get(tag) for tag in self.products})
 
 
 JET = np.dtype([("pt", "f4"), ("eta", "f4"), ("btag", "f4")])

@@ -21,26 +21,16 @@ import skhep_testdata
 import uproot
 import yaml
 from recorun.data.layout import write_shapes, write_string_lists
-from recorun import Analyzer, Collection, Concurrency, ConfigError, InputError, InputTagList, Param
+from recorun import Analyzer, Collection, Concurrency, ConfigError, InputError, Param
 from recorun.modules.root_source import RootSource
+
+from collect import Collect
 
 HZZ = skhep_testdata.data_path("uproot-HZZ.root")                       # tree 'events', 2421
 DELPHES = skhep_testdata.data_path("uproot-issue513.root")              # Delphes, 10 events
 FULLSPLIT = skhep_testdata.data_path("uproot-small-evnt-tree-fullsplit.root")  # strings
 OLD_RNTUPLE = skhep_testdata.data_path("uproot-ntpl001_staff.root")     # pre-release RNTuple
 HZZ_EVENTS = 2421
-
-
-class Collect(Analyzer):
-    """Records ``(event.index, event.id, {tag: product})`` of every event."""
-
-    concurrency = Concurrency.SHARED
-    products = InputTagList(doc="products to record")
-    recorder = Param(object, doc="the test's Recorder")
-
-    def analyze(self, event):
-        self.recorder.record(event.index, tuple(event.id),
-                             {tag: event.get(tag) for tag in self.products})
 
 
 @pytest.fixture
