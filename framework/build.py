@@ -84,10 +84,10 @@ def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
 
 def _tell_shapes(source: Source, modules: dict) -> None:
     """Output modules learn which of the source's products are fixed-size arrays."""
-    shapes = source.product_shapes()
-    for module in modules.values():
-        if isinstance(module, OutputModule):
-            module.product_shapes = dict(shapes)
+    outputs = [m for m in modules.values() if isinstance(m, OutputModule)]
+    shapes = source.product_shapes() if outputs else {}
+    for module in outputs:
+        module.product_shapes = dict(shapes)
 
 
 def _check_output_files(config: WorkflowConfig, source, modules: dict) -> None:
