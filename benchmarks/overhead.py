@@ -9,6 +9,10 @@ The fixed cost per event: an ``EmptySource`` and one analyzer that does nothing,
 1 stream; the wall time of the job over ``--events`` events minus that of the same job over
 one event, divided by the events less one (best of ``--repeat`` runs).
 
+The cost of a luminosity-block transition (end one, begin the next, with the streams drained
+between them): the same one-analyzer job with every event in a lumi of its own
+(``events_per_lumi: 1``) less the job with one lumi, per event (best of ``--repeat``).
+
     .venv/bin/python benchmarks/overhead.py [--events 20000] [--modules 20] [--repeat 3]
 """
 from __future__ import annotations
@@ -72,11 +76,12 @@ def measure(events: int, modules: int, threads: int, streams: int) -> dict:
             "us_per_call_overhead": (wall - in_modules_s / threads) / calls * 1e6}
 
 
-def one_module_job(events: int) -> float:
+def one_module_job(events: int, events_per_lumi: int = 0) -> float:
     """Wall seconds of a job of ``events`` events through one :class:`Nop` analyzer."""
     start = time.perf_counter()
     result = run_workflow({"process": {"threads": 1, "streams": 1, "report_every_s": 0},
-                           "source": {"type": "EmptySource", "count": events},
+                           "source": {"type": "EmptySource", "count": events,
+                                      "events_per_lumi": events_per_lumi},
                            "modules": {"nop": {"type": Nop}}, "paths": {"p": ["nop"]}})
     wall = time.perf_counter() - start
     assert result.exit_code == 0 and result.report["events"]["accepted"] == events, \
@@ -90,6 +95,13 @@ def us_per_event(events: int, repeat: int) -> float:
                for _ in range(repeat)) / (events - 1) * 1e6
 
 
+def us_per_lumi(events: int, repeat: int) -> float:
+    """A luminosity-block transition's cost (every event its own lumi, less one lumi in all),
+    microseconds per transition (best of ``repeat``, the two jobs interleaved)."""
+    return min(one_module_job(events, 1) - one_module_job(events)
+               for _ in range(repeat)) / events * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20000)
@@ -100,12 +112,14 @@ def main() -> None:
     one = measure(args.events, args.modules, 1, 1)
     two = measure(args.events, args.modules, 2, 4)
     per_event = us_per_event(args.events, args.repeat)
+    per_lumi = us_per_lumi(min(args.events, 5000), args.repeat)
     for r in (one, two):
         print(f"threads={r['threads']} streams={r['streams']}: {r['calls']} calls in "
               f"{r['wall_s']:.2f} s: {r['us_per_call_total']:.2f} us per call in all, "
               f"{r['us_per_call_overhead']:.2f} us framework overhead per call")
     print(f"EmptySource + one analyzer that does nothing, threads=1 streams=1: "
           f"{per_event:.2f} us per event")
+    print(f"a luminosity-block transition (end, begin; one analyzer): {per_lumi:.2f} us")
     print("target: at most 10 us per call on 1 thread (dask's threaded scheduler: ~200 us/task), "
           "under 8 us per event for the one-analyzer job")
     print(json.dumps({"us_per_call_1thread": round(one["us_per_call_overhead"], 3),
@@ -113,6 +127,7 @@ def main() -> None:
                       "us_per_call_total_1thread": round(one["us_per_call_total"], 3),
                       "us_per_call_total_2threads": round(two["us_per_call_total"], 3),
                       "us_per_event_1module_1thread": round(per_event, 3),
+                      "us_per_lumi_transition": round(per_lumi, 3),
                       "events": args.events, "modules": args.modules}))
 
 

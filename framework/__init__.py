@@ -6,18 +6,20 @@ itself (``from recorun import Producer, InputTag, Param``), which is this packag
 """
 from .. import __version__
 from .collection import Collection
+from .conditions import ConditionsProducer, ConditionsService
 from .errors import ConfigError, InputError, ModuleError, ProductNotFound, RecorunError
 from .event import Event, EventID, TriggerResults
 from .hookspecs import hookimpl
 from .module import (Analyzer, Concurrency, ExternalWorkProducer, Filter, Module, OutputModule,
                      Producer, WaitingTaskHolder)
-from .params import InputTag, InputTagList, Param
+from .params import InputTag, InputTagList, Param, Record
 from .process import JobResult, run_workflow
 from .service import Service
 from .source import EmptySource, Source, SourceChunk
 
-__all__ = ["Analyzer", "Collection", "Concurrency", "ConfigError", "EmptySource", "Event", "EventID",
+__all__ = ["Analyzer", "Collection", "Concurrency", "ConditionsProducer", "ConditionsService",
+           "ConfigError", "EmptySource", "Event", "EventID",
            "ExternalWorkProducer", "Filter", "InputError", "InputTag", "InputTagList", "JobResult",
            "Module", "ModuleError", "OutputModule", "Param", "ProductNotFound", "Producer",
-           "RecorunError", "Service", "Source", "SourceChunk", "TriggerResults",
+           "Record", "RecorunError", "Service", "Source", "SourceChunk", "TriggerResults",
            "WaitingTaskHolder", "__version__", "hookimpl", "run_workflow"]

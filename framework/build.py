@@ -75,9 +75,11 @@ def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
     source.select_products({tag for m in modules.values() for tag in m.consumed_tags()})
     graph = ModuleGraph(config, modules, source.product_tags())
     _tell_shapes(source, modules)
+    _tell_provenance(config, source, graph)
     for module in modules.values():
         module.services = services
     _check_requirements(config, source, services, modules)
+    _check_records(config, services, modules)
     _check_output_files(config, source, modules)
     return BuiltWorkflow(config, source, services, graph)
 
@@ -88,6 +90,46 @@ def _tell_shapes(source: Source, modules: dict) -> None:
     shapes = source.product_shapes() if outputs else {}
     for module in outputs:
         module.product_shapes = dict(shapes)
+
+
+def _tell_provenance(config: WorkflowConfig, source: Source, graph: ModuleGraph) -> None:
+    """Output modules get the job's provenance (``job_provenance``): at their end_job they ask
+    it what made the products they wrote (:mod:`recorun.framework.provenance`)."""
+    outputs = [n.module for n in graph.nodes.values() if isinstance(n.module, OutputModule)]
+    if outputs:
+        from .provenance import JobProvenance
+        provenance = JobProvenance(config, source, graph)
+        for module in outputs:
+            module.job_provenance = provenance
+
+
+def conditions_service(services: dict):
+    """The workflow's ConditionsService, or None."""
+    from .conditions import ConditionsService
+    found = [s for s in services.values() if isinstance(s, ConditionsService)]
+    return found[0] if found else None
+
+
+def _check_records(config: WorkflowConfig, services: dict, modules: dict) -> None:
+    """Every conditions record a module declares (Record parameters) must be provided by the
+    workflow's one ConditionsService: configuration errors before the first event."""
+    from .conditions import ConditionsService
+    labels = [label for label, s in services.items() if isinstance(s, ConditionsService)]
+    if len(labels) > 1:
+        raise ConfigError(f"services {', '.join(repr(x) for x in labels)} are all "
+                          f"ConditionsServices: a workflow has one (give it every file)",
+                          file=config.file)
+    records = {label: m.consumed_records() for label, m in modules.items()}
+    records = {label: names for label, names in records.items() if names}
+    if not records:
+        return
+    if not labels:
+        label, names = next(iter(records.items()))
+        raise ConfigError(f"reads conditions record '{names[0]}', but the workflow has no "
+                          f"ConditionsService (services: {{conditions: {{type: "
+                          f"ConditionsService, files: [conditions.yaml]}}}})", file=config.file,
+                          label=label)
+    services[labels[0]].check(records)
 
 
 def _check_output_files(config: WorkflowConfig, source, modules: dict) -> None:

@@ -52,7 +52,7 @@ from .module import OutputModule
 from .native_threads import limited
 from .process import (STOP_REASONS, begin_job, begin_module, close_source_of, end_job,
                       exit_code_of)
-from .reports import cpu_efficiency, summarize, thread_advice
+from .reports import cpu_efficiency, merge_lumis, summarize, thread_advice
 from .scheduler import Scheduler
 from .source import SourceChunk
 
@@ -446,6 +446,7 @@ def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
     report = copy.deepcopy(template)
     report["events"] = dict.fromkeys(EVENT_KEYS, 0)
     report["failed_events"] = []
+    lumis: list[dict] = []
     skipped = list(report["source"].get("skipped_files") or [])
     cpu = 0.0
     for state in sorted(states, key=lambda s: s.chunk.id):
@@ -459,6 +460,7 @@ def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
             report["failed_events"].append({**failure, "index": chunk.first_index + local,
                                             "file": chunk.file,
                                             "entry": chunk.first_entry + local})
+        lumis += part.get("luminosity_blocks", [])
         for kind in ("paths", "endpaths"):
             for name, entry in part[kind].items():
                 _add_path(report[kind][name], entry)
@@ -480,6 +482,7 @@ def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
         for label, section in (process.get("services") or {}).items():
             services.setdefault(label, section)
     report["services"] = services
+    report["luminosity_blocks"] = merge_lumis(lumis)
     report["source"]["skipped_files"] = skipped
     ev = report["events"]
     report["wall_s"] = max(wall_s, 1e-9)

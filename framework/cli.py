@@ -5,7 +5,8 @@ event (with ``on_error: stop``); 130 interrupted. 1 means a bug in recorun itsel
 
 The command line is extended by plugins (:mod:`recorun.framework.hookspecs`): their options
 (``--nominal``, ``--metrics-port``, the Dask farm's), executors (``--executor dask``), report
-sections and subcommands (``recorun compare``, ``recorun scale``).
+sections and subcommands (``recorun compare``, ``recorun scale``). ``recorun provenance FILE``
+(what made an output file's products, :mod:`recorun.framework.provenance`) is built in.
 """
 from __future__ import annotations
 
@@ -27,6 +28,15 @@ from .registry import GROUPS, PluginNotFound, available, load
 from .reports import resources_json, time_report, trig_report, write_json
 from .signals import JobInterrupted, job_signals
 from .signals import exit_code as signal_exit_code
+
+
+def _provenance(argv: list[str]) -> int:
+    from .provenance import main as provenance_main
+    return provenance_main(argv)
+
+
+#: subcommands of recorun itself (plugins add theirs through ``recorun_subcommands``)
+BUILTIN_SUBCOMMANDS = {"provenance": _provenance}
 
 
 def parser(executors: dict) -> argparse.ArgumentParser:
@@ -266,7 +276,7 @@ def _main(argv: list[str] | None) -> int:
     err = sys.stderr
     try:
         plugin_manager()
-        subcommands = merged(hook().recorun_subcommands())
+        subcommands = merged([*hook().recorun_subcommands(), BUILTIN_SUBCOMMANDS])
         executors = {**BUILTIN, **merged(hook().recorun_executors())}
     except ConfigError as exc:
         err.write(f"recorun: configuration error: {exc}\n")

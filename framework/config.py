@@ -16,6 +16,7 @@ plugins are loaded (:mod:`recorun.framework.build`), the products and the graph 
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,9 @@ class WorkflowConfig:
     modules: dict[str, PluginSpec]
     paths: dict[str, list[str]]
     endpaths: dict[str, list[str]]
+    #: the workflow mapping as the job used it (after ``--set`` and ``${WORKFLOW_DIR}``), kept
+    #: for the provenance written into output files (:mod:`recorun.framework.provenance`)
+    raw: dict | None = field(default=None, repr=False, compare=False)
 
     def error(self, message, label=None, parameter=None) -> ConfigError:
         return ConfigError(message, file=self.file, label=label, parameter=parameter)
@@ -237,7 +241,16 @@ def parse_workflow(raw: dict, file: str) -> WorkflowConfig:
                 raise ConfigError(f"select_events names unknown path '{path}' "
                                   f"(paths: {', '.join(paths) or 'none'})", file=file,
                                   label=spec.label, parameter="select_events")
-    return WorkflowConfig(file, process, source, services, modules, paths, endpaths)
+    return WorkflowConfig(file, process, source, services, modules, paths, endpaths,
+                          raw=_kept(raw))
+
+
+def _kept(raw: dict) -> dict:
+    """A copy of the workflow mapping that later changes to ``raw`` do not reach."""
+    try:
+        return copy.deepcopy(raw)
+    except Exception:                   # an object of a workflow built in Python
+        return dict(raw)
 
 
 WORKFLOW_DIR = "${WORKFLOW_DIR}"

@@ -76,12 +76,13 @@ class Event:
     source's products, ``{tag: value}``) is taken over, not copied: a source hands each event
     a dict of its own."""
 
-    __slots__ = ("id", "index", "stream", "_products")
+    __slots__ = ("id", "index", "stream", "lumi", "_products")
 
     def __init__(self, event_id: EventID, index: int, products: dict[str, Any] | None = None):
         self.id = event_id
         self.index = index
         self.stream = -1
+        self.lumi = None       # its LuminosityBlock, set by the scheduler before it starts
         self._products: dict[str, Any] = {} if products is None else products   # taken over
 
     def put(self, tag: str, value: Any) -> None:
@@ -142,6 +143,16 @@ class ModuleEvent:
 
     def __getitem__(self, tag: str) -> Any:
         return self.get(tag)
+
+    def record(self, name: str) -> Any:
+        """The conditions record ``name`` valid for this event's luminosity block; the module
+        must declare it with a Record parameter."""
+        if name not in self._worker.records:
+            raise ProductNotFound(
+                f"module '{self._worker.label}' reads conditions record '{name}' without "
+                f"declaring it; declare it with a Record parameter (it reads: "
+                f"{sorted(self._worker.records) or 'no record'})")
+        return self._event.lumi.record(name)
 
     def put(self, value: Any, instance: str = "") -> None:
         """Put a product under this module's label and the given instance name."""

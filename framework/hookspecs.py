@@ -16,10 +16,13 @@ group                  what is registered
                        filters, analyzers, outputs)
 ``recorun.sources``    :class:`~recorun.framework.source.Source` subclasses
 ``recorun.services``   :class:`~recorun.framework.service.Service` subclasses
+``recorun.conditions`` :class:`~recorun.framework.conditions.ConditionsProducer` subclasses
+                       (derived conditions records)
 ``recorun.plugins``    modules or objects holding ``@hookimpl`` functions (below)
 =====================  =========================================================================
 
-A type may declare ``requires = {"fastjet": "recorun[jets]"}`` (import name -> what to install):
+A name registered twice in one group (two packages) is a configuration error naming both
+when a workflow uses it. A type may declare ``requires = {"fastjet": "recorun[jets]"}`` (import name -> what to install):
 a workflow naming it without that package fails before the first event, exit code 2, with the
 ``pip install`` line (:mod:`recorun.framework.extras`).
 
@@ -34,11 +37,22 @@ method                                 when, and what it may do
                                        what needs them all: a fallback server)
 ``produce / filter / analyze / write``  per event, by the scheduler (module.py's table)
 ``acquire(event, holder)``             ExternalWork: start work elsewhere and return; the work
-                                       calls ``holder.done()`` from any thread
+                                       calls ``holder.done(result)`` from any thread, and
+                                       ``produce(event, result)`` follows
+``begin_run(run)``,                    once per transition and instance, services first,
+``begin_luminosity_block(lumi)``,      never beside an event (docs/TRANSITIONS.md); a raise
+``end_luminosity_block(lumi)``,        stops the job
+``end_run(run)``
+``Module.merge_streams(others)``       per-stream modules, after the last event: fold the
+                                       other copies in; end_job then on the first copy only
 ``Module.end_job()``                   once per instance after the last event, also after a
                                        failure
 ``Module.report()``                    after end_job: the ``details`` of its report entry
 ``Module.metrics()``                   any time, from an exporter's thread: live counters
+``Module.provenance()``                at an output's end_job: what the module adds to its
+                                       products' provenance (a SONIC model, its servers)
+``OutputModule.job_provenance``        set before begin_job: the job's provenance, asked for
+                                       the products it wrote (framework/provenance.py)
 ``OutputModule.output_file_param``     the parameter naming its file: a chunked executor points
 ``OutputModule.merge(parts, dest)``    it at one part per chunk, then merges the parts
 ``OutputModule.job_complete``          set before end_job: give the file its final name only
@@ -46,6 +60,7 @@ method                                 when, and what it may do
 ``Service.begin_job()``                before the modules' begin_job
 ``Service.job_started(scheduler)``     before the first event: may read (never change) the
                                        scheduler's ``status`` and ``workers``
+``Service.begin_run(run)`` ...         the transition hooks, before the modules'
 ``Service.end_job()``                  after the modules' end_job
 ``Service.report()``                   after end_job: its entry under the report's ``services``
 ``Source.product_tags()``              before the first event: the products it can put

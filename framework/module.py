@@ -5,29 +5,39 @@ kind               method(s) the framework calls               on a path
 =================  ==========================================  ==============================
 Producer           ``produce(event)``                          run on demand, once per event
 ExternalWork       ``acquire(event, holder)``, then            as Producer
-producer           ``produce(event)``
+producer           ``produce(event, result)``
 Filter             ``filter(event) -> bool``                   false stops the path
 Analyzer           ``analyze(event)``                          runs in path order
 OutputModule       ``write(event)``                            on end paths
 =================  ==========================================  ==============================
 
-Every module may define ``begin_job()`` and ``end_job()``. Parameters are declared with
-:class:`~recorun.framework.params.Param` / :class:`~recorun.framework.params.InputTag` class attributes and
-arrive as instance attributes. ``produces`` lists the product instance names a producer puts
-(``""`` is the default instance, tagged by the label alone).
+Every module may define ``begin_job()`` and ``end_job()``, and the transition hooks
+``begin_run(run)``, ``begin_luminosity_block(lumi)``, ``end_luminosity_block(lumi)`` and
+``end_run(run)`` (:mod:`recorun.framework.transitions`), each called once per transition on
+every instance, never beside an event. Parameters are declared with
+:class:`~recorun.framework.params.Param` / :class:`~recorun.framework.params.InputTag` class
+attributes and arrive as instance attributes; :class:`~recorun.framework.params.Record`
+parameters name the conditions records a module reads. ``produces`` lists the product
+instance names a producer puts (``""`` is the default instance, tagged by the label alone).
 
 ``concurrency`` says how the framework may call a module:
 
-* ``"stream"`` (default): one copy per stream; a copy sees one event at a time, so it may keep
-  per-event state in ``self``.
+* ``"stream"`` (the default of producers and filters): one copy per stream; a copy sees one
+  event at a time, so it may keep per-event state in ``self``. A copy sees only its stream's
+  events: a module that sums over events defines :meth:`Module.merge_streams`, which folds the
+  other copies into the first before ``end_job`` (CMSSW's stream summaries); one that does
+  not, and defines ``end_job``, is warned about when there is more than one stream.
+* ``"serial"`` (the default of analyzers): one instance, calls queued one at a time (CMSSW's
+  "one" modules): an analyzer that fills a histogram in ``analyze`` and writes it in
+  ``end_job`` sees every event, whatever the number of streams. The queue does not block
+  pool threads.
 * ``"shared"``: one instance, called from several threads at once; it must be thread-safe.
-* ``"serial"``: one instance, calls queued one at a time (CMSSW's "one" modules). The queue
-  does not block pool threads.
 
 ExternalWork: ``acquire`` starts work outside the framework (a gRPC call, a device) and
-returns at once; the work calls ``holder.done()`` or ``holder.done(error)`` from any thread.
-``produce`` then runs on a pool thread, never before ``acquire`` has returned, and not at all
-when the work failed: the error fails the event with the module's context.
+returns at once; the work calls ``holder.done(result)`` (or ``holder.fail(error)``) from any
+thread. ``produce(event, result)`` then runs on a pool thread with that result, never before
+``acquire`` has returned, and not at all when the work failed: the error fails the event with
+the module's context. The result travels with the event: a module keeps nothing per event.
 """
 from __future__ import annotations
 
@@ -65,6 +75,11 @@ class Module(Configurable):
                 tags.extend(param.tags(getattr(self, name)))
         return tags
 
+    def consumed_records(self) -> list[str]:
+        """Conditions records this module reads: the values of its Record parameters."""
+        return [value for name, param in self.parameters().items()
+                if param.records and (value := getattr(self, name)) is not None]
+
     def produced_instances(self) -> tuple[str, ...]:
         return tuple(self.produces)
 
@@ -76,12 +91,43 @@ class Module(Configurable):
         """Called once per instance after every service's and module's ``begin_job``, before
         the first event (CMSSW's postBeginJob): for work that needs all of them set up."""
 
+    def begin_run(self, run) -> None:
+        """Called before the first event of each run (``run.run``)."""
+
+    def begin_luminosity_block(self, lumi) -> None:
+        """Called before the first event of each luminosity block (``lumi.run``,
+        ``lumi.luminosity_block``, ``lumi.record(name)``)."""
+
+    def end_luminosity_block(self, lumi) -> None:
+        """Called after the last event of each luminosity block, before its run ends; also
+        when the job stops early (after the events in flight)."""
+
+    def end_run(self, run) -> None:
+        """Called after the last luminosity block of each run."""
+
+    def merge_streams(self, others: list) -> None:
+        """Per-stream modules only: fold the other streams' copies (``others``) into this one,
+        the first copy, after the last event and before ``end_job``. A module that defines it
+        gets ``end_job`` on this first copy only. Not defined (the default): every copy's
+        ``end_job`` is called, each having seen its own stream's events."""
+        raise NotImplementedError
+
     def end_job(self) -> None:
         """Called once per instance after the last event, also after a failure."""
 
     def report(self) -> dict | None:
         """Extra figures for this module's entry in the job report (``details``), e.g. a
         client's timing; asked once, after ``end_job``."""
+        return None
+
+    def provenance(self) -> dict | None:
+        """What this module adds to the provenance of the products it contributes to (JSON
+        data; :mod:`recorun.framework.provenance`), beyond its type and parameters: asked by
+        output modules at their ``begin_job`` and ``end_job``, while this module is begun.
+        Servers it used go under ``servers`` as ``[{"name", "address", "requests",
+        ...}]``: ``requests`` only grow during the job (an output counts from its own
+        ``begin_job``, and merging part files adds them up). ``None`` (the default):
+        nothing to add."""
         return None
 
     def metrics(self) -> dict | None:
@@ -108,12 +154,17 @@ class Producer(Module):
 
 
 class ExternalWorkProducer(Producer):
-    """A producer that waits for external work between ``acquire`` and ``produce``."""
+    """A producer that waits for external work between ``acquire`` and ``produce``: the
+    value the work passes to ``holder.done(value)`` is ``produce``'s ``result``. (A
+    ``produce(self, event)`` without ``result`` is called without it.)"""
 
     kind = "producer"
 
     def acquire(self, event, holder: "WaitingTaskHolder") -> None:
         raise NotImplementedError(f"{type(self).__name__} must define acquire(event, holder)")
+
+    def produce(self, event, result=None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} must define produce(event, result)")
 
 
 class Filter(Module):
@@ -125,6 +176,7 @@ class Filter(Module):
 
 class Analyzer(Module):
     kind = "analyzer"
+    concurrency = Concurrency.SERIAL
 
     def analyze(self, event) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define analyze(event)")
@@ -181,13 +233,15 @@ class OutputModule(Module):
 
 
 class WaitingTaskHolder:
-    """Given to ``acquire``; the external work calls :meth:`done` exactly once, from any thread.
+    """Given to ``acquire``; the external work calls :meth:`done` (or :meth:`fail`) exactly
+    once, from any thread.
 
-    The framework continues (runs ``produce`` or fails the event) only when both ``acquire`` has
-    returned and ``done`` has been called, whichever comes last.
+    The framework continues (runs ``produce(event, result)`` or fails the event) only when both
+    ``acquire`` has returned and ``done`` has been called, whichever comes last. The holder
+    belongs to its event: when the event is over, the result goes with it.
     """
 
-    __slots__ = ("_lock", "_left", "_continue", "error", "acquire_failed", "done_ns",
+    __slots__ = ("_lock", "_left", "_continue", "error", "result", "acquire_failed", "done_ns",
                  "acquire_end_ns", "finished", "on_external_end")
 
     def __init__(self, on_complete):
@@ -195,6 +249,7 @@ class WaitingTaskHolder:
         self._left = 2                   # acquire returned + done called
         self._continue = on_complete
         self.error: BaseException | None = None
+        self.result: Any = None
         self.acquire_failed = False
         self.done_ns = 0                 # perf_counter_ns() when done() was called
         # set by the scheduler:
@@ -202,15 +257,25 @@ class WaitingTaskHolder:
         self.finished = None             # an Event to wait on, in synchronous mode
         self.on_external_end = None
 
-    def done(self, error: BaseException | None = None) -> None:
-        """Report the external work finished; pass the exception if it failed."""
+    def done(self, result: Any = None, *, error: BaseException | None = None) -> None:
+        """Report the external work finished: ``result`` is handed to ``produce``. With
+        ``error`` (or an exception as ``result``, the older form ``done(exc)``) the work
+        failed and the event fails without ``produce``."""
+        if error is None and isinstance(result, BaseException):
+            result, error = None, result
         with self._lock:
             if self.done_ns:
                 raise RuntimeError("WaitingTaskHolder.done() called twice")
             self.done_ns = time.perf_counter_ns()
             if self.error is None:
                 self.error = error
+            if error is None:
+                self.result = result
         self._arrive()
+
+    def fail(self, error: BaseException) -> None:
+        """Report the external work failed with ``error``."""
+        self.done(error=error)
 
     def _acquire_returned(self, error: BaseException | None = None) -> None:
         if error is None:

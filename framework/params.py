@@ -86,6 +86,7 @@ class Param:
     """One declared parameter: a type, a default (or none: required), a docstring."""
 
     consumes = False
+    records = False      # True for Record: the value names a conditions record
 
     def __init__(self, type=Any, default=REQUIRED, doc: str = "", choices=None):
         self.type = type
@@ -141,6 +142,32 @@ class InputTag(Param):
 
     def tags(self, value):
         return [] if value is None else [value]
+
+
+class Record(Param):
+    """A conditions record this module reads (:mod:`recorun.framework.conditions`), by name:
+    ``gains = Record("HcalGains")``. The graph checks before the first event that the
+    workflow's ConditionsService provides it; the module reads it with
+    ``event.record(self.gains)`` (or ``lumi.record(...)`` in a transition hook). ``None``
+    (with ``optional=True``): reads no record."""
+
+    records = True
+
+    def __init__(self, default=REQUIRED, doc: str = "", optional: bool = False):
+        super().__init__(str, default, doc)
+        self.optional = optional
+
+    def convert(self, value):
+        if value is None and (self.optional or self.default is None):
+            return None
+        value = super().convert(value)
+        if not value.strip():
+            raise ParamError(self.name, "a conditions record name may not be empty")
+        return value
+
+    def describe(self) -> str:
+        default = "required" if self.required else f"default {self.default!r}"
+        return f"{self.name} (Record, {default}): {self.doc}"
 
 
 class InputTagList(Param):

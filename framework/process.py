@@ -22,7 +22,7 @@ from .monitor import InFlight, Monitor
 from .native_threads import limited
 from .hooks import report_sections
 from .reports import summarize, thread_advice
-from .scheduler import Scheduler
+from .scheduler import Scheduler, merges_streams
 from .signals import JobInterrupted, job_signals
 from .signals import exit_code as signal_exit_code
 from .trace import Tracer
@@ -82,7 +82,10 @@ def end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list, *,
     """Call end_job on everything that began, in reverse order; collect the errors."""
     errors = []
     labels = {id(m): w for w, m in scheduler.all_instances()}
+    merged = merge_stream_copies(scheduler, errors)
     for thing in reversed(begun):
+        if id(thing) in merged:
+            continue
         try:
             thing.end_job()
         except Exception as exc:
@@ -94,6 +97,25 @@ def end_job(built: BuiltWorkflow, scheduler: Scheduler, begun: list, *,
     if close_source:
         errors += close_source_of(built.source)
     return errors
+
+
+def merge_stream_copies(scheduler: Scheduler, errors: list) -> set[int]:
+    """Fold the per-stream copies of every module that defines ``merge_streams`` into its
+    first copy (before end_job); the ``id`` of the copies folded away, whose end_job is not
+    called. An error is appended to ``errors``."""
+    folded: set[int] = set()
+    for worker in scheduler.workers.values():
+        copies = worker.copies
+        if len(copies) < 2 or not merges_streams(type(copies[0])):
+            continue
+        try:
+            copies[0].merge_streams(list(copies[1:]))
+        except Exception as exc:
+            errors.append(ModuleError(exc, event_id="(none)", stream=-1,
+                                      module_type=worker.type_name, label=worker.label,
+                                      method="merge_streams"))
+        folded.update(id(c) for c in copies[1:])
+    return folded
 
 
 def close_source_of(source) -> list[ModuleError]:

@@ -12,7 +12,8 @@ import importlib
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-GROUPS = {"module": "recorun.modules", "source": "recorun.sources", "service": "recorun.services"}
+GROUPS = {"module": "recorun.modules", "source": "recorun.sources", "service": "recorun.services",
+          "conditions": "recorun.conditions"}
 
 
 class PluginNotFound(LookupError):
@@ -20,11 +21,25 @@ class PluginNotFound(LookupError):
 
 
 @lru_cache(maxsize=None)
-def _entry_points(group: str) -> dict:
-    found = {}
+def _registrations(group: str) -> dict[str, list]:
+    """``{name: [entry points]}``: one per distinct registration (the same object registered
+    twice by one distribution, found on two paths, counts once)."""
+    found: dict[str, list] = {}
     for ep in entry_points(group=group):
-        found.setdefault(ep.name, ep)
+        same = found.setdefault(ep.name, [])
+        if not any(other.value == ep.value for other in same):
+            same.append(ep)
     return found
+
+
+def _entry_points(group: str) -> dict:
+    return {name: eps[0] for name, eps in _registrations(group).items()}
+
+
+def _registered_by(ep) -> str:
+    dist = getattr(ep, "dist", None)
+    package = getattr(dist, "name", None) or "an unnamed package"
+    return f"'{ep.value}' (package {package})"
 
 
 def available(kind: str) -> list[str]:
@@ -51,6 +66,12 @@ def load(kind: str, name: str):
         except AttributeError:
             raise PluginNotFound(f"'{module_name}' has no '{attr}' (from {kind} type '{name}')")
     eps = _entry_points(GROUPS[kind])
+    twice = _registrations(GROUPS[kind]).get(name, [])
+    if len(twice) > 1:
+        raise PluginNotFound(
+            f"{kind} type '{name}' is registered more than once in '{GROUPS[kind]}': by "
+            f"{' and by '.join(_registered_by(ep) for ep in twice)}; one of the packages must "
+            f"rename it (or name the class as 'package.module:Class')")
     if name not in eps:
         near = difflib.get_close_matches(name, list(eps), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(n) for n in near)}?" if near else ""

@@ -83,6 +83,7 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "source": scheduler.source.summary(),
         "paths": paths,
         "endpaths": endpaths,
+        "luminosity_blocks": [lumi.summary() for lumi in scheduler.lumis],
         "modules": {label: _module_entry(w, visited[label], w.copies, details)
                     for label, w in scheduler.workers.items()},
         "services": {label: section for label, service in scheduler.built.services.items()
@@ -94,6 +95,23 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "cpu_s": cpu,
         "cpu_efficiency": cpu_efficiency(cpu, wall, options.threads),
     }
+
+
+def merge_lumis(entries) -> list[dict]:
+    """Per-lumi entries of several runs over parts of one input (chunks) as one list: a
+    luminosity block split between chunks is added up, in run and lumi order."""
+    merged: dict[tuple[int, int], dict] = {}
+    for entry in entries:
+        key = (entry["run"], entry["luminosity_block"])
+        mine = merged.get(key)
+        if mine is None:
+            merged[key] = {**entry, "accepted": dict(entry["accepted"])}
+            continue
+        mine["events"] += entry["events"]
+        mine["failed"] += entry["failed"]
+        for path, n in entry["accepted"].items():
+            mine["accepted"][path] = mine["accepted"].get(path, 0) + n
+    return [merged[key] for key in sorted(merged)]
 
 
 def trig_report(report: dict) -> str:

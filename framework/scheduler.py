@@ -9,6 +9,15 @@ every stream has found the source empty or the job has been told to stop (an err
 ``on_error: stop``, an input error, an interrupt); events already in flight are always
 finished, so every event read is accounted for: accepted, rejected or failed.
 
+Runs and luminosity blocks
+--------------------------
+One luminosity block at a time (docs/TRANSITIONS.md). The stream that reads the first event of
+another block keeps the source and holds the event (``_held``) until no event is in flight
+(``_in_flight``); the last event to finish resumes it: the old block (and run) end, the new
+ones begin (``_transition``: every service, then every module instance), the event starts and
+the source goes to the next stream in line. Transition hooks therefore never run beside an
+event. The last stream to find the source empty ends the open block and run.
+
 State of an event
 -----------------
 ``paths running`` -> ``end paths running`` -> ``done``. All trigger paths start together;
@@ -26,15 +35,17 @@ for its result. It therefore runs at most once per event, and producers nobody a
 run. A serial module waits in its serial queue instead of running directly.
 
 ``EventRun.states[worker.index]`` holds this state: ``None`` (not requested), ``STARTED`` (a
-module called at once, its producers done already and no queue to wait in; a second request
-replaces the marker with a :class:`ModuleState` that holds its callback), a
+module called at once, or given to the shared queue to be, its producers done already and no
+queue to wait in; a second request replaces the marker with a :class:`ModuleState` that holds
+its callback), a
 :class:`ModuleState` (started, waiting for producers, a queue or external work) or, once done,
 the result itself: ``True``, ``False`` or ``FAILED``. A result never changes, so a result read
 without the lock is final.
 
 An ExternalWork module runs ``acquire``, then its state is ``external``: no thread is held.
-When both ``acquire`` has returned and ``holder.done()`` was called, ``produce`` is scheduled
-on a pool thread (or the module fails, without ``produce``, if the work failed).
+When both ``acquire`` has returned and ``holder.done(result)`` was called, ``produce(event,
+result)`` is scheduled on a pool thread (or the module fails, without ``produce``, if the work
+failed); the result lives in the holder, which only the event's callbacks reference.
 
 Threads and the stack
 ---------------------
@@ -45,7 +56,10 @@ Otherwise, even on one thread and one stream, other modules of the event run whi
 work is out.
 
 Work that can go on at once does so on the calling thread: a path's walk is a loop over its
-modules, and a module whose producers are all done runs inside the request for it. What has to
+modules, and a module whose producers are all done runs inside the request for it. With more
+than one thread, independent upstream producers that can all run now are split: the calling
+thread runs the first, the others go to the shared queue (:meth:`_spread_ready`), so that
+idle threads run them within the same event. What has to
 wait (a result not known yet, an event's start) resumes as a task through
 :meth:`ThreadPool.soon`, so the stack is bounded whatever the path length and the number of
 events: an event's task walks at most its first path and then its first end path, and the end
@@ -69,13 +83,16 @@ from threading import get_ident
 
 import networkx as nx
 
-from .build import BuiltWorkflow
+import inspect
+
+from .build import BuiltWorkflow, conditions_service
 from .errors import ConfigError, InputError, ModuleError
 from .event import Event, ModuleEvent, TriggerResults
 from .pool import OrderedQueue, SerialQueue, ThreadPool
 from .graph import TRIGGER_RESULTS
-from .module import Concurrency, ExternalWorkProducer, WaitingTaskHolder
+from .module import Concurrency, ExternalWorkProducer, Module, WaitingTaskHolder
 from .stats import ModuleStats, PathStats
+from .transitions import LuminosityBlock, Run
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +111,8 @@ class Worker:
     """One module label: its instances (one per stream or one shared), its stats."""
 
     __slots__ = ("label", "index", "type_name", "kind", "method", "external", "deps",
-                 "upstream", "consumes", "instances", "select_events", "copies", "queue",
-                 "stats", "plain", "calls")
+                 "upstream", "consumes", "records", "instances", "select_events", "copies",
+                 "queue", "stats", "plain", "calls", "result_arg")
 
     def __init__(self, index, node, copies, streams, queue):
         self.label = node.label
@@ -107,6 +124,7 @@ class Worker:
         self.deps: list[Worker] = []        # producers it reads from
         self.upstream: list[Worker] = []    # all producers it needs, dependencies first
         self.consumes = frozenset(node.consumes)
+        self.records = frozenset(node.module.consumed_records())
         self.instances = frozenset(node.module.produced_instances())
         self.select_events: tuple[str, ...] = ()
         self.copies = copies
@@ -114,10 +132,39 @@ class Worker:
         self.stats = [ModuleStats() for _ in range(streams)]
         self.plain = False     # neither queued nor ExternalWork: called once its inputs are done
         self.calls: list = []  # per stream: the bound method `method` (`produce` for ExternalWork)
+        # ExternalWork: produce(event, result) takes the holder's result
+        self.result_arg = self.external and _takes_result(type(node.module).produce)
 
     def instance(self, stream: int):
         copies = self.copies
         return copies[stream] if len(copies) > 1 else copies[0]
+
+
+def merges_streams(cls) -> bool:
+    """Whether a module type folds its per-stream copies together (defines merge_streams)."""
+    return cls.merge_streams is not Module.merge_streams
+
+
+def _warn_unmerged(label: str, cls) -> None:
+    """A per-stream module that defines end_job and does not merge its copies: each copy's
+    end_job sees only its own stream's events, which a newcomer does not expect."""
+    if cls.end_job is Module.end_job or merges_streams(cls):
+        return
+    log.warning("module '%s' (%s) has one copy per stream (concurrency 'stream') and an "
+                "end_job, but no merge_streams: each copy sees only its own stream's events. "
+                "Define merge_streams(self, others) to fold the copies together, or use "
+                "concurrency = 'serial' (one instance that sees every event)", label,
+                cls.__name__)
+
+
+def _takes_result(produce) -> bool:
+    """Whether an ExternalWork ``produce`` takes the work's result after the event."""
+    try:
+        params = list(inspect.signature(produce).parameters.values())[1:]   # after self
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 2 or any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
 class ModuleState:
@@ -186,12 +233,14 @@ class Scheduler:
         self.sync = self.options.synchronous
         self.skip_failed = self.options.on_error == "skip_event"
         self.pool = ThreadPool(self.options.threads)
+        self._spread = self.options.threads > 1 and not self.sync
         self.tracer = tracer
         self.inflight = inflight
         self._calls = inflight.calls if inflight is not None else None
         self.lock = threading.Lock()
         self._state_lock = threading.Lock()
         self.source = built.source
+        self.conditions = conditions_service(built.services)
         self._new_run()
         self.workers: dict[str, Worker] = {}
         self._make_workers()
@@ -209,6 +258,8 @@ class Scheduler:
             node = graph.nodes[label]
             concurrency = Concurrency(type(node.module).concurrency)
             if concurrency is Concurrency.STREAM:
+                if self.streams > 1:
+                    _warn_unmerged(label, type(node.module))
                 copies = [node.module] + [self.built.new_instance(label)
                                           for _ in range(self.streams - 1)]
                 for copy in copies[1:]:
@@ -239,6 +290,11 @@ class Scheduler:
         self._waiting: deque[int] = deque()   # streams in line for the source
         self._next_index = 0
         self._active_streams = self.streams
+        self._in_flight = 0                   # events started and not finished
+        self._held: EventRun | None = None    # read, waiting for its luminosity block to begin
+        self._run: Run | None = None
+        self._lumi: LuminosityBlock | None = None
+        self.lumis: list[LuminosityBlock] = []   # this run's, in order
 
     def reset_stats(self) -> None:
         """Zero every module's and path's counters (a chunked job's worker reports each chunk's
@@ -325,10 +381,32 @@ class Scheduler:
                 run = EventRun(event, stream, self._n_workers)
                 if self.tracer is not None:
                     run.started_ns = perf_ns()
+                lumi = self._lumi
+                eid = event.id
+                if lumi is not None and lumi.luminosity_block == eid.lumi and lumi.run == eid.run:
+                    event.lumi = lumi
+                else:                    # a new luminosity block: once nothing is in flight
+                    with self.lock:
+                        status.read += 1
+                        held = self._in_flight > 0
+                        if held:         # the last event in flight resumes it, source held
+                            self._held = run
+                    if not held:
+                        self._begin_event_lumi(run)
+                        self._hand_over(run, True)
+                    return
+        self._hand_over(run, False)
+
+    def _hand_over(self, run: EventRun | None, counted: bool) -> None:
+        """After a read (``run`` None: the source is empty or the job stopped): start the event
+        as a task, then hand the source to the next stream in line or let it go."""
         last = False
+        status = self.status
         with self.lock:
             if run is not None:
-                status.read += 1
+                if not counted:
+                    status.read += 1
+                self._in_flight += 1
             else:
                 self._active_streams -= 1
                 last = self._active_streams == 0
@@ -345,7 +423,83 @@ class Scheduler:
         if after is not None:
             self.pool.soon(self._read, after)
         if last:
+            self._end_lumi(None)
             self.finished.set()
+
+    # -- runs and luminosity blocks -----------------------------------------------------------
+    def _begin_event_lumi(self, run: EventRun) -> None:
+        """Nothing in flight: end the luminosity block (and run) before ``run``'s event, begin
+        its own. A hook's failure fails the event and stops the job."""
+        eid = run.event.id
+        error = self._end_lumi(eid.run)
+        conditions = None
+        if error is None and self.conditions is not None:
+            try:
+                conditions = self.conditions.for_lumi(eid.run, eid.lumi)
+            except Exception as exc:
+                error = self._transition_error(exc, "conditions", "ConditionsService",
+                                               "for_lumi", f"{eid.run}:{eid.lumi}")
+        if error is None and self._run is None:
+            self._run = Run(eid.run, conditions)
+            error = self._transition("begin_run", self._run, f"run {eid.run}")
+        lumi = LuminosityBlock(eid.run, eid.lumi, conditions, run.event.index)
+        self._lumi = lumi
+        self.lumis.append(lumi)
+        if error is None:
+            error = self._transition("begin_luminosity_block", lumi, f"{eid.run}:{eid.lumi}")
+        run.event.lumi = lumi
+        if error is not None:
+            run.error = error
+
+    def _end_lumi(self, next_run: int | None):
+        """End the current luminosity block, and its run unless the next one (``next_run``) is
+        the same; the first hook error, or None."""
+        error = None
+        lumi, self._lumi = self._lumi, None
+        if lumi is not None:
+            error = self._transition("end_luminosity_block", lumi,
+                                     f"{lumi.run}:{lumi.luminosity_block}")
+        if self._run is not None and self._run.run != next_run:
+            run, self._run = self._run, None
+            error = self._transition("end_run", run, f"run {run.run}") or error
+        return error
+
+    def _transition(self, hook: str, what, where: str):
+        """Call ``hook(what)`` on every service, then on every module instance in graph order;
+        the first error (the job stops), or None."""
+        error = None
+        for label, service in self.built.services.items():
+            method = getattr(service, hook, None)
+            if method is None:
+                continue
+            try:
+                method(what)
+            except Exception as exc:
+                error = error or self._transition_error(exc, label, type(service).__name__,
+                                                        hook, where)
+        for worker in self.workers.values():
+            for module in worker.copies:
+                try:
+                    getattr(module, hook)(what)
+                except Exception as exc:
+                    error = error or self._transition_error(exc, worker.label,
+                                                            worker.type_name, hook, where)
+        return error
+
+    def _transition_error(self, exc, label, type_name, method, where) -> ModuleError:
+        error = ModuleError(exc, event_id=where, stream=-1, module_type=type_name, label=label,
+                            method=method)
+        error.__cause__ = exc
+        if isinstance(exc, ConfigError):
+            self.stop("configuration error", error)
+        else:
+            self.stop("module error", error)
+        return error
+
+    def _resume_held(self, run: EventRun) -> None:
+        """The last event of the previous luminosity block is done: begin ``run``'s."""
+        self._begin_event_lumi(run)
+        self._hand_over(run, True)
 
     def _start_sequences(self, run: EventRun, sequences: list[Sequence]) -> None:
         """Walk the first sequence here; the others go to the shared queue first, so that an
@@ -395,19 +549,33 @@ class Scheduler:
         if self.tracer is not None:
             self.tracer.complete(f"event {run.event.id}", "event", run.started_ns,
                                  perf_ns() - run.started_ns, lane=f"stream {run.stream}")
+        lumi = run.event.lumi
         with self.lock:              # count the event, and its stream asks for the source
+            lumi.events += 1
             if failure is not None:
                 status.failed += 1
+                lumi.failed += 1
                 status.failures.append(failure)
-            elif not trigger or any(trigger.values()):    # as TriggerResults.accept
-                status.accepted += 1
             else:
-                status.rejected += 1
+                if not trigger or any(trigger.values()):    # as TriggerResults.accept
+                    status.accepted += 1
+                else:
+                    status.rejected += 1
+                accepted = lumi.accepted
+                for name, passed in trigger.items():
+                    if passed:
+                        accepted[name] = accepted.get(name, 0) + 1
+            self._in_flight -= 1
+            held = None
+            if self._held is not None and self._in_flight == 0:
+                held, self._held = self._held, None
             reading = self._reading
             if reading:
                 self._waiting.append(run.stream)
             else:
                 self._reading = True
+        if held is not None:
+            self.pool.soon(self._resume_held, held)
         if not reading:
             self._read(run.stream)
 
@@ -504,8 +672,14 @@ class Scheduler:
     def _start_upstream(self, run, upstream, path) -> None:
         """Start every producer a module needs, dependencies first. Each one's own
         dependencies have then been started already, so requesting them never recurses; those
-        that run at once have their dependencies done already, and run here."""
+        that run at once have their dependencies done already, and run here.
+
+        With more than one thread, the producers that can run at once and do not depend on
+        one another start as separate tasks: all but the first go to the shared queue, where
+        idle threads take them while this thread runs the first (intra-event parallelism)."""
         states = run.states
+        if self._spread and len(upstream) > 1:
+            self._spread_ready(run, upstream, path)
         for producer in upstream:
             index = producer.index
             if states[index] is not None:     # started already (it stays so)
@@ -517,6 +691,24 @@ class Scheduler:
                     continue
                 state = states[index] = STARTED if ready else ModuleState(path)
             self._begin(run, producer, path, state)
+
+    def _spread_ready(self, run, upstream, path) -> None:
+        """Mark the producers of ``upstream`` that can run now started and give all but the
+        first to the shared queue (the caller's loop runs the first)."""
+        states = run.states
+        first = True
+        for producer in upstream:
+            if not producer.plain or states[producer.index] is not None or (
+                    producer.deps and not self._deps_done(states, producer)):
+                continue
+            if first:                     # left to the caller, which runs it at once
+                first = False
+                continue
+            with self._state_lock:
+                if states[producer.index] is not None:
+                    continue
+                states[producer.index] = STARTED
+            self.pool.share(self._begin, run, producer, path, STARTED)
 
     def _begin(self, run, worker, path, state):
         """Run a module just marked started, its upstream producers started: its result, or
@@ -604,8 +796,8 @@ class Scheduler:
             for fn, args in state.waiters:
                 soon(fn, *args, result)
 
-    def _call(self, run, worker, path, method: str, fn):
-        """Call one module method ``fn``, timed; return True/False or FAILED."""
+    def _call(self, run, worker, path, method: str, fn, *extra):
+        """Call one module method ``fn(event, *extra)``, timed; return True/False or FAILED."""
         view = ModuleEvent(run.event, worker)
         stats = worker.stats[run.stream]
         calls = self._calls
@@ -616,7 +808,7 @@ class Scheduler:
         c0 = cpu_ns()
         error = None
         try:
-            value = fn(view)
+            value = fn(view, *extra)
         except Exception as exc:
             error = exc
         dc = cpu_ns() - c0
@@ -704,15 +896,22 @@ class Scheduler:
         elif run.error is not None:
             result = FAILED
         elif worker.queue is not None:
-            worker.queue.push(self._queued_produce, run, worker, state)
+            worker.queue.push(self._queued_produce, run, worker, state, holder)
             return
         else:
-            result = self._call(run, worker, state.path, "produce", worker.calls[run.stream])
+            result = self._call_produce(run, worker, state, holder)
         self._finish(run, worker, result)
 
-    def _queued_produce(self, run, worker, state) -> None:
-        self._finish(run, worker, self._call(run, worker, state.path, "produce",
-                                             worker.calls[run.stream]))
+    def _queued_produce(self, run, worker, state, holder) -> None:
+        self._finish(run, worker, self._call_produce(run, worker, state, holder))
+
+    def _call_produce(self, run, worker, state, holder):
+        """An ExternalWork ``produce``, given the work's result (the holder goes with the
+        event: nothing is kept per event elsewhere)."""
+        fn = worker.calls[run.stream]
+        if worker.result_arg:
+            return self._call(run, worker, state.path, "produce", fn, holder.result)
+        return self._call(run, worker, state.path, "produce", fn)
 
     def _fail(self, run, worker, path, method, exc) -> None:
         error = ModuleError(exc, event_id=run.event.id, stream=run.stream,

@@ -26,6 +26,20 @@ class Service(Configurable):
         instances and per-stream :class:`~recorun.framework.stats.ModuleStats`), from any thread,
         until its ``end_job``. Not called when the job failed to begin."""
 
+    def begin_run(self, run) -> None:
+        """Called at each run's beginning, before the modules' (``run.run``)."""
+
+    def begin_luminosity_block(self, lumi) -> None:
+        """Called at each luminosity block's beginning, before the modules' (``lumi.run``,
+        ``lumi.luminosity_block``): a service that changes per lumi (a prescale column) does
+        it here."""
+
+    def end_luminosity_block(self, lumi) -> None:
+        """Called at each luminosity block's end, before the modules'."""
+
+    def end_run(self, run) -> None:
+        """Called at each run's end, before the modules'."""
+
     def end_job(self) -> None:
         """Called after the modules' end_job."""
 

@@ -117,17 +117,38 @@ class EmptySource(Source):
     """``count`` numbered events with no products (for tests and generators)."""
 
     count = Param(int, 10, doc="number of events")
-    run = Param(int, 1, doc="run number")
-    lumi = Param(int, 1, doc="luminosity block")
+    run = Param(int, 1, doc="run number (of the first event)")
+    lumi = Param(int, 1, doc="luminosity block (of the first event)")
     first_event = Param(int, 1, doc="event number of the first event")
+    events_per_lumi = Param(int, 0, doc="events numbered n go to luminosity block "
+                            "lumi + (n - 1) // events_per_lumi (0: all in one)")
+    lumis_per_run = Param(int, 0, doc="with events_per_lumi: luminosity blocks per run, then "
+                          "the run number goes up and the lumi starts again (0: one run)")
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if self.events_per_lumi < 0 or self.lumis_per_run < 0:
+            from .params import ParamError
+            raise ParamError("events_per_lumi" if self.events_per_lumi < 0 else
+                             "lumis_per_run", "must be 0 or more")
 
     def open(self, max_events):
         self._n = self.count if max_events is None else min(self.count, max_events)
 
+    def event_id(self, number: int) -> EventID:
+        """The ID of the event numbered ``number``."""
+        if not self.events_per_lumi:
+            return EventID(self.run, self.lumi, number)
+        block = (number - 1) // self.events_per_lumi
+        if not self.lumis_per_run:
+            return EventID(self.run, self.lumi + block, number)
+        return EventID(self.run + block // self.lumis_per_run,
+                       self.lumi + block % self.lumis_per_run, number)
+
     def next_event(self, index):
         if index >= self._n:
             return None
-        return Event(EventID(self.run, self.lumi, self.first_event + index), index)
+        return Event(self.event_id(self.first_event + index), index)
 
     def total_events(self):
         return self._n

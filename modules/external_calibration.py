@@ -2,7 +2,7 @@
 
 It stands for any offloaded computation: ``acquire`` hands the towers to the module's own
 executor and returns at once, so the framework thread goes on with other modules and events;
-the executor's callback calls ``holder.done()``; ``produce`` puts the result.
+the executor's callback hands the result to ``holder.done(result)``; ``produce`` puts it.
 """
 from __future__ import annotations
 
@@ -33,22 +33,21 @@ class ThreadPoolEnergyCalibrator(ExternalWorkProducer):
 
     def begin_job(self):
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"{self.label}-ext")
-        self._results: dict[int, np.ndarray] = {}
 
     def end_job(self):
         self._pool.shutdown(wait=True)
 
     def acquire(self, event, holder):
         future = self._pool.submit(calibrate, event.get(self.towers), self.scale, self.offset)
-        key = event.index
 
         def finished(f):
             error = f.exception()
             if error is None:
-                self._results[key] = f.result()
-            holder.done(error)
+                holder.done(f.result())
+            else:
+                holder.fail(error)
 
         future.add_done_callback(finished)
 
-    def produce(self, event):
-        event.put(self._results.pop(event.index))
+    def produce(self, event, calibrated=None):
+        event.put(calibrated)

@@ -81,9 +81,9 @@ from functools import lru_cache
 import numpy as np
 
 from recorun.data import hcal
-from recorun import Concurrency, InputTag, Param, Producer
+from recorun import Concurrency, InputTag, Param, Producer, Record
 
-from .hcal_reco import RECHIT_DTYPE, rechits
+from .hcal_reco import CALIBRATIONS_DOC, RECHIT_DTYPE, calibrated, rechits
 
 __all__ = ["HcalMahiReco", "RECHIT_DTYPE", "mahi_fit", "nnls", "pulse_templates"]
 
@@ -249,6 +249,7 @@ class HcalMahiReco(Producer):
     active_bx = Param(list[int], DEFAULT_ACTIVE_BX,
                       doc="bunch crossings (relative to the SOI) with a pulse template; "
                           "must contain 0")
+    calibrations = Record(None, optional=True, doc=CALIBRATIONS_DOC)
 
     def begin_job(self):
         if 0 not in self.active_bx or len(self.active_bx) > MAX_TEMPLATES \
@@ -260,5 +261,5 @@ class HcalMahiReco(Producer):
 
     def produce(self, event):
         digis = event.get(self.digis)
-        fit = mahi_fit(digis, self.active_bx)
+        fit = mahi_fit(calibrated(event, digis, self.calibrations), self.active_bx)
         event.put(rechits(digis, fit["energy"], self.threshold))

@@ -50,6 +50,13 @@ every product); when no event held them all (their producer ran only for this ou
 tree has the ``run``, ``luminosityBlock`` and ``event`` branches only. A reader finds a
 valid, empty tree.
 
+**Provenance.** When it closes the file (also one with no event), RootOutput writes what made
+its products as JSON text in the ``TObjString`` ``recorun_provenance``
+(:mod:`recorun.framework.provenance`): the workflow after ``--set``, recorun's version, the
+process name, host and start time, the input files and the processes that made them, and for
+each product the type and parameters of every module it depends on (a SONIC producer's model,
+version and the servers that answered). ``recorun provenance FILE`` prints it.
+
 The file is written as ``<file>.partial`` and renamed to ``file`` only when the job processed
 every event; a job that stopped early leaves the ``.partial`` file and says so. The output's
 folder, ``rename`` and ``flush_events`` are checked when the module is built, before the first
@@ -58,7 +65,8 @@ event.
 On a farm (``recorun --executor dask``, :mod:`recorun.farm.executor`) each chunk of the input writes
 its own part file and :meth:`RootOutput.merge` concatenates the parts in chunk order: the
 same tree, branches (counters and NanoAOD-style collections rebuilt as written), entries and
-``recorun_shapes`` / ``recorun_string_lists`` entries as one job's file.
+``recorun_shapes`` / ``recorun_string_lists`` entries as one job's file, and one provenance
+(the parts' inputs joined, the events and the SONIC servers' requests added up).
 """
 from __future__ import annotations
 
@@ -75,6 +83,7 @@ import uproot
 from recorun.data.layout import (branch_name, encode_string_list, read_shapes,
                                  read_string_lists, safe_name, write_shapes, write_string_lists)
 from recorun import Collection, ConfigError, InputTagList, OutputModule, Param, ProductNotFound
+from recorun.framework import provenance as provenance_io
 from recorun.framework.event import canonical_tag
 from recorun.framework.params import ParamError
 
@@ -557,6 +566,9 @@ class RootOutput(OutputModule):
     compression = Param(str, "zstd:1", doc="zstd:N, lz4:N, zlib:N, lzma:N or none")
     flush_events = Param(int, 1000, doc="events buffered before they are written")
     output_file_param = "file"
+    #: the job's :class:`~recorun.framework.provenance.JobProvenance`, set by the framework
+    #: before begin_job (None: the file gets no provenance)
+    job_provenance = None
 
     def __init__(self, label="", **params):
         super().__init__(label, **params)
@@ -602,6 +614,8 @@ class RootOutput(OutputModule):
         self._example = None            # an unwritten event's products, for the types
         self.wants_skipped = True
         self.written = 0
+        self._provenance_mark = (self.job_provenance.mark()
+                                 if self.job_provenance is not None else None)
 
     def skipped(self, event):
         """An event not written: its products give the branches' types, should no event be
@@ -722,6 +736,7 @@ class RootOutput(OutputModule):
                 self._make_tree(self._types_without_events())
             write_shapes(self._file, self._shapes)
             write_string_lists(self._file, self._string_lists)
+            self._write_provenance()
         finally:
             self._file.close()
             self._handle.close()
@@ -731,6 +746,22 @@ class RootOutput(OutputModule):
         else:
             log.warning("%s: the job stopped early; %d events were written to %s, which is not "
                         "complete", self.label, self.written, self._partial)
+
+    def _write_provenance(self) -> None:
+        """The job's provenance of the products written (:mod:`recorun.framework.provenance`),
+        as the TObjString ``recorun_provenance``; a failure to make it is logged, never the
+        job's failure."""
+        if self.job_provenance is None:
+            return
+        try:
+            record = self.job_provenance.record(
+                self.label, list(self.products), since=self._provenance_mark,
+                branches=dict(zip(self.products, self.names)))
+            record["processes"][-1]["output"]["events"] = self.written
+            provenance_io.write(self._file, record)
+        except Exception as exc:
+            log.warning("%s: the provenance of %s cannot be written (%s: %s): the file has "
+                        "none", self.label, self._path, type(exc).__name__, exc)
 
     @classmethod
     def check_destination(cls, destination, **params):
@@ -748,7 +779,9 @@ class RootOutput(OutputModule):
         (tree, branch names and types, entries in order, the inner shapes of flattened
         branches, the string branches holding lists). Parts whose tree has no entry add
         nothing; when no part has one, the tree of the first part that has it is written
-        empty. Written as ``<destination>.partial`` and renamed when complete."""
+        empty. The parts' provenance becomes one
+        (:func:`recorun.framework.provenance.merge_records`). Written as
+        ``<destination>.partial`` and renamed when complete."""
         tree_name = params.get("tree", "Events")
         fmt = params.get("format", "ttree")
         step = max(int(params.get("flush_events", 1000)), 1)
@@ -756,6 +789,7 @@ class RootOutput(OutputModule):
         partial = destination.with_name(destination.name + ".partial")
         shapes: dict[str, tuple] = {}
         string_lists: set[str] = set()
+        records: list = []
         written = 0
         with open_partial(partial) as handle, uproot.recreate(handle, compression=(
                 parse_compression(params.get("compression", "zstd:1")))) as out:
@@ -764,6 +798,7 @@ class RootOutput(OutputModule):
                 with uproot.open(part) as source:
                     shapes.update(read_shapes(source))
                     string_lists.update(read_string_lists(source))
+                    records.append(_part_provenance(source, part))
                     if tree_name not in source:
                         continue
                     tree = source[tree_name]
@@ -783,8 +818,20 @@ class RootOutput(OutputModule):
                 (out.mktree if fmt == "ttree" else out.mkrntuple)(tree_name, empty_types)
             write_shapes(out, shapes)
             write_string_lists(out, string_lists)
+            merged_provenance = provenance_io.merge_records(records)
+            if merged_provenance is not None:
+                provenance_io.write(out, merged_provenance)
         os.replace(partial, destination)
         log.debug("merged %d parts (%d events) into %s", len(parts), written, destination)
+
+
+def _part_provenance(source, part) -> dict | None:
+    """A part file's provenance (None, logged, when it cannot be read)."""
+    try:
+        return provenance_io.read(source, str(part))
+    except provenance_io.ProvenanceError as exc:
+        log.warning("merging %s: %s; its provenance is left out", part, exc)
+        return None
 
 
 def _part_types(chunk: dict) -> dict:

@@ -52,6 +52,10 @@ unreadable files, files that are not ROOT, missing trees or branches (with the n
 names), branches uproot cannot interpret, RNTuples of the pre-release format that uproot
 cannot read. With ``skip_bad_files`` a bad file is skipped and listed, with the reason and
 the entries already read, in the report's ``source`` section.
+
+Files written by recorun carry their provenance (``recorun_provenance``); it is read once per
+file, when the source opens the files, and handed to the job's outputs as their history
+(:meth:`RootSource.input_provenance`, :mod:`recorun.framework.provenance`).
 """
 from __future__ import annotations
 
@@ -73,6 +77,7 @@ import uproot
 from recorun.data.layout import (decode_string_list, fixed_size_numpy, per_event_fields,
                                  per_event_numpy, read_shapes, read_string_lists)
 from recorun import Collection, Event, EventID, InputError, Param, Source, SourceChunk
+from recorun.framework import provenance as provenance_io
 from recorun.framework.event import tag_label
 from recorun.framework.params import ParamError
 from recorun.framework.source import split_entries
@@ -450,12 +455,14 @@ class RootSource(Source):
         self.paths = self._expand(self.files)
         self._entries: dict[str, int] = {}
         self._edges: dict[str, list[int]] = {}           # cluster edges, once asked (chunks)
+        self._provenance: dict[str, dict] = {}           # recorun files' provenance, per file
         first = None
         for path in self.paths:
             try:
                 file = _open(path)
                 tree = _find_tree(file, path, self.tree)
                 self._entries[path] = tree.num_entries
+                self._read_provenance(file, path)
                 # the branches are those of the first file with entries: an empty file
                 # (a job that selected no event) may lack the products' branches
                 if first is None or (first[2].num_entries == 0 and tree.num_entries > 0):
@@ -504,6 +511,18 @@ class RootSource(Source):
             files = f"{count} file{'s' if count > 1 else ''}: {names}"
             raise ParamError("skip", f"skip {self.skip} is past the end of the input ({total} "
                                      f"entries in {files})")
+
+    def _read_provenance(self, file, path: str) -> None:
+        """Keep the provenance of a file recorun wrote (read once, when the file is opened
+        here); a damaged one is logged and left out."""
+        try:
+            record = provenance_io.read(file, path)
+        except Exception as exc:
+            log.warning("RootSource: %s: its provenance cannot be read (%s); the output's "
+                        "history leaves it out", path, exc)
+            return
+        if record is not None:
+            self._provenance[path] = record
 
     def _bad_file(self, path: str, error: Exception, entries_read: int) -> None:
         if not self.skip_bad_files:
@@ -697,6 +716,12 @@ class RootSource(Source):
 
     def input_files(self) -> list[str]:
         return list(self.paths)
+
+    def input_provenance(self) -> list[dict]:
+        """The provenance of each input file recorun wrote, in file order (read when the
+        source was made): the history of the job's outputs
+        (:mod:`recorun.framework.provenance`)."""
+        return [self._provenance[p] for p in self.paths if p in self._provenance]
 
     def summary(self) -> dict:
         return {"type": "RootSource", "files": self.paths, "tree": self.tree_name,

@@ -30,9 +30,10 @@ Life cycle
   waited for.
 * ``acquire``: ``pack(event)`` then ``client.infer(inputs, done)``; the packing time is part
   of acquire in the framework's report (the paper's S). ``done`` (on whichever thread the
-  client calls it) keeps the outputs for the event and calls ``holder.done(error)``; an error
-  is wrapped in :class:`SonicInferenceError` naming the event and the model.
-* ``produce``: ``unpack(event, outputs)`` (the paper's L is acquire's and produce's CPU time).
+  client calls it) hands the outputs to ``holder.done(outputs)``; an error is wrapped in
+  :class:`SonicInferenceError` naming the event and the model (``holder.fail``).
+* ``produce(event, outputs)``: ``unpack(event, outputs)`` (the paper's L is acquire's and
+  produce's CPU time).
 * ``end_job``: the client is given back (``client.end_job()`` releases it to its registry).
 
 Concurrency: SHARED
@@ -42,17 +43,17 @@ thread-safe (their counters, batching and requests are), so one client per strea
 multiply gRPC channels, in-process model sessions (memory: one ResNet-50 per stream) and
 begin_job probes, and split the client's timing counters per stream. A shared instance also
 lets the client see every request of the job, which is what its statistics and the server's
-dynamic batching are about. The only per-event state, the outputs between ``done`` and
-``produce``, is kept in a dict keyed by ``event.index`` under a lock.
+dynamic batching are about. The producer keeps no per-event state: the outputs travel from
+``done`` to ``produce`` through the event's holder.
 """
 from __future__ import annotations
 
-import threading
-from typing import Any, ClassVar
+import dataclasses
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from recorun import ConfigError, Concurrency, ExternalWorkProducer, Param
+from recorun import ConfigError, Concurrency, ExternalWorkProducer, Param, Record
 from recorun.framework.params import ParamError
 from recorun.sonic_clients import (ClientConfig, ClientConfigError, SonicError, make_client,
                                    parse_duration)
@@ -100,6 +101,10 @@ class SonicProducer(ExternalWorkProducer):
     balance = Param(str, "", choices=("", *BALANCES),
                     doc="how requests spread over the servers that serve the model: first, "
                         "round_robin, least_outstanding; empty: the ServerRegistry's")
+    model_record = Record(None, optional=True,
+                          doc="conditions record {model, version} read at each run's start: "
+                              "when it differs from the current model and version the "
+                              "producer changes client (None: model and version as configured)")
 
     def __init__(self, label: str = "", **params: Any):
         super().__init__(label, **params)
@@ -120,8 +125,6 @@ class SonicProducer(ExternalWorkProducer):
                         text else "outage_budget" if "outage_s" in text else "model")
             raise ParamError(name, text) from None
         self.sonic = None                       # the SonicClient, from begin_job on
-        self._outputs: dict[int, dict[str, np.ndarray]] = {}
-        self._lock = threading.Lock()
 
     def requirements(self) -> dict[str, str]:
         """In-process inference runs the model here; a model that no configured server
@@ -178,28 +181,49 @@ class SonicProducer(ExternalWorkProducer):
             raise ConfigError(f"SONIC producer '{self.label}' ({type(self).__name__}), model "
                               f"'{self.model}': {exc}", label=self.label) from exc
 
+    def begin_run(self, run) -> None:
+        """With ``model_record``: the model and version of the conditions record for this run
+        (``{model: name, version: ""}``); when they differ from the current client's, the
+        client is given back and one for the new model made and validated (as in
+        ``begin_job``). No event is in flight at a run's start."""
+        if self.model_record is None:
+            return
+        payload = run.record(self.model_record)
+        where = (f"SONIC producer '{self.label}' ({type(self).__name__}): conditions record "
+                 f"'{self.model_record}' for run {run.run}")
+        if not isinstance(payload, Mapping) or "model" not in payload:
+            raise ConfigError(f"{where}: expected {{model: name, version: ''}}, got "
+                              f"{payload!r:.100}", label=self.label)
+        try:
+            config = dataclasses.replace(self.client_config, model=payload["model"],
+                                         version=payload.get("version", ""))
+        except ClientConfigError as exc:
+            raise ConfigError(f"{where}: {exc}", label=self.label) from exc
+        current = self.client_config
+        if self.sonic is not None and (config.model, config.version) == (current.model,
+                                                                         current.version):
+            return
+        self._give_back()
+        self.model, self.version, self.client_config = config.model, config.version, config
+        self.begin_job()
+        self.post_begin_job()
+
     def acquire(self, event, holder) -> None:
-        index, event_id, model = event.index, event.id, self.model
+        event_id, model = event.id, self.model
         inputs = self.pack(event)
 
         def done(outputs, error):
             if error is None:
-                with self._lock:
-                    self._outputs[index] = outputs
-                holder.done()
+                holder.done(outputs)
             else:
-                holder.done(SonicInferenceError(event_id, model, error))
+                holder.fail(SonicInferenceError(event_id, model, error))
 
         self.sonic.infer(inputs, done)
 
-    def produce(self, event) -> None:
-        with self._lock:
-            outputs = self._outputs.pop(event.index)
+    def produce(self, event, outputs=None) -> None:
         self.unpack(event, outputs)
 
     def end_job(self) -> None:
-        with self._lock:
-            self._outputs.clear()
         self._give_back()
 
     def _give_back(self) -> None:
@@ -239,3 +263,30 @@ class SonicProducer(ExternalWorkProducer):
             return None
         return {"client": self.client_config.client, "mode": self.client_config.mode,
                 "model": self.model, **timing}
+
+    def provenance(self) -> dict | None:
+        """The model behind this producer's products, for the provenance of the files they
+        are written to (:mod:`recorun.framework.provenance`): the model, the version asked
+        (empty: the latest), the client (type, mode, in-process backend) and the servers
+        that answered, ``[{name, address, requests, version}]`` (answered requests; the
+        model version the server answered with, when it says). After ``end_job`` the
+        servers are known by name only."""
+        config = self.client_config
+        entry = {"model": self.model, "version": config.version, "client": config.client,
+                 "mode": config.mode}
+        if config.client == "inprocess":
+            entry["backend"] = config.backend
+        client = self.sonic
+        if client is not None:
+            entry["servers"] = client.answered_by()
+            return entry
+        timing = getattr(self, "_timing", None) or {}
+        per_server = timing.get("per_server")
+        if isinstance(per_server, dict):
+            entry["servers"] = [{"name": name, "address": "", "requests": counts.get("answers", 0),
+                                 "version": ""} for name, counts in per_server.items()
+                                if counts.get("answers")]
+        elif timing.get("requests"):
+            entry["servers"] = [{"name": f"in-process {config.backend}", "address": "",
+                                 "requests": int(timing["requests"]), "version": config.version}]
+        return entry

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from recorun.data.hcal import FACILE_INPUTS, facile_inputs
-from recorun import InputTag, Param
-from recorun.modules.hcal_reco import rechits
+from recorun import InputTag, Param, Record
+from recorun.modules.hcal_reco import CALIBRATIONS_DOC, calibrated, rechits
 
 from .base import SonicProducer
 
@@ -19,12 +19,14 @@ class FacileProducer(SonicProducer):
     model = Param(str, "facile", doc="model name")
     digis = InputTag("source:HcalDigi", doc="HcalDigi collection (fields of data/README.md)")
     threshold = Param(float, 0.5, doc="rechits below this energy (GeV) are dropped")
+    calibrations = Record(None, optional=True, doc=CALIBRATIONS_DOC)
 
     inputs = {"hcal_channels": ((len(FACILE_INPUTS),), np.float32)}
 
     def pack(self, event):
         # one (n, 15) float32 matrix filled column by column from the digis' field views
-        return {"hcal_channels": facile_inputs(event.get(self.digis))}
+        digis = calibrated(event, event.get(self.digis), self.calibrations)
+        return {"hcal_channels": facile_inputs(digis)}
 
     def unpack(self, event, outputs):
         energy = outputs["energy"].reshape(-1)

@@ -22,10 +22,10 @@ __version__ = "0.2.0"
 
 #: the module author's API: name -> the module that defines it
 _API = {name: "recorun.framework" for name in (
-    "Analyzer", "Collection", "Concurrency", "ConfigError", "EmptySource", "Event", "EventID",
+    "Analyzer", "Collection", "Concurrency", "ConditionsProducer", "ConditionsService", "ConfigError", "EmptySource", "Event", "EventID",
     "ExternalWorkProducer", "Filter", "InputError", "InputTag", "InputTagList", "JobResult",
     "Module", "ModuleError", "OutputModule", "Param", "ProductNotFound", "Producer",
-    "RecorunError", "Service", "Source", "SourceChunk", "TriggerResults", "WaitingTaskHolder",
+    "RecorunError", "Record", "Service", "Source", "SourceChunk", "TriggerResults", "WaitingTaskHolder",
     "hookimpl", "run_workflow")}
 
 __all__ = sorted([*_API, "__version__"])

@@ -690,6 +690,13 @@ class SonicClient:
         values.update(model=self.config.model, mode=self.config.mode, client=self.kind)
         return values
 
+    def answered_by(self) -> list[dict]:
+        """The servers that answered this client's requests, for the provenance of the
+        products made with them: ``[{"name", "address", "requests", "version"}]``
+        (``requests``: answered ones; ``version``: the model version the answer named, empty
+        when unknown). Thread-safe; it keeps its value after ``end_job``."""
+        return []
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.config.model!r}, "
                 f"mode={self.config.mode!r})")

@@ -126,6 +126,15 @@ class InProcessClient(SonicClient):
             raise SonicError(f"model '{self.config.model}': client used after end_job()")
         self._pool.submit(self._run, call, chunks)
 
+    def answered_by(self) -> list[dict]:
+        """This process, as the one "server" that answered (no address): its requests
+        (answered ones)."""
+        requests = int(self.stats.snapshot()["requests"])
+        if not requests:
+            return []
+        return [{"name": f"in-process {self.config.backend}", "address": "",
+                 "requests": requests, "version": self.config.version}]
+
     def _close(self) -> None:
         shutdown_pool(self._pool)
         self._pool = None

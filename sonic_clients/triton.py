@@ -36,7 +36,8 @@ With ``round_robin`` and ``least_outstanding`` a server that exhausted its tries
 :data:`DOWN_S` seconds: requests start on the other servers meanwhile and reach it only last,
 on failover. Then it takes its turn again (a request finds out whether it is back); an answer
 from it clears it at once. The counters per server (requests sent, answers, failed attempts)
-are in ``timing()["per_server"]``.
+are in ``timing()["per_server"]``; :meth:`TritonClient.answered_by` gives the servers that
+answered with their addresses, answers and model version (the job's provenance).
 
 Pauses, health and outages. A request sent again to the same server waits first
 (``backoff_s``, doubling with each try up to :data:`MAX_BACKOFF_S`, with jitter). A server that
@@ -486,6 +487,7 @@ class TritonClient(SonicClient):
         self._down_until: dict[Endpoint, float] = {}     # monotonic time a server is back
         self._per_server: dict[str, dict[str, int]] = {}
         self._per_server_lock = threading.Lock()
+        self._answered_by: dict[str, tuple[str, str]] = {}   # name -> (address, version)
         self._given_description = description
         self.probe_timeout_s = probe_timeout_s
         self._local = threading.local()
@@ -539,6 +541,26 @@ class TritonClient(SonicClient):
             counts = self._per_server.setdefault(
                 endpoint.name, {"requests": 0, "answers": 0, "failed": 0})
             counts[key] += 1
+
+    def _note_server(self, endpoint: Endpoint, result) -> None:
+        """Remember the address of a server that answered, and the model version its first
+        answer names (Triton's ``model_version``; empty when it names none)."""
+        try:
+            version = str(result.get_response().model_version) if result is not None else ""
+        except Exception:
+            version = ""
+        with self._per_server_lock:
+            self._answered_by.setdefault(endpoint.name, (endpoint.address, version))
+
+    def answered_by(self) -> list[dict]:
+        """The servers that answered this client (the job's provenance): ``[{"name",
+        "address", "requests": answered requests, "version": the model version it answered
+        with}]``, in the order they first answered."""
+        with self._per_server_lock:
+            return [{"name": name, "address": address,
+                     "requests": self._per_server.get(name, {}).get("answers", 0),
+                     "version": version}
+                    for name, (address, version) in self._answered_by.items()]
 
     # requests ------------------------------------------------------------------------------
     def _inputs_for(self, arrays: dict[str, np.ndarray]):
@@ -598,8 +620,10 @@ class TritonClient(SonicClient):
                 self.endpoints.remove(endpoint)
                 self.endpoints.append(endpoint)
 
-    def _answered(self, endpoint: Endpoint) -> None:
+    def _answered(self, endpoint: Endpoint, result=None) -> None:
         self._count(endpoint, "answers")
+        if endpoint.name not in self._answered_by:      # the first answer of this server
+            self._note_server(endpoint, result)
         endpoint.health.answered()
         if self._down_until:
             with self._order_lock:
@@ -761,7 +785,7 @@ class TritonClient(SonicClient):
                 self.stats.add(roundtrip_s=now() - start)
                 if error is None:
                     self.stats.add(answers=1)
-                    self._answered(ep)
+                    self._answered(ep, result)
                     try:
                         call.part_done(index, self._outputs_of(result))
                     except Exception as exc:          # a malformed answer
@@ -858,7 +882,7 @@ class TritonClient(SonicClient):
                     finally:
                         flight.end()
                     self.stats.add(roundtrip_s=now() - start, answers=1)
-                    self._answered(ep)
+                    self._answered(ep, result)
                     call.part_done(index, self._outputs_of(result))
                     break
                 except Exception as exc:

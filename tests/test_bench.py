@@ -91,3 +91,23 @@ def test_bad_arguments_exit_2(tmp_path):
     assert run.returncode == 2 and "positive" in run.stderr
     run = bench("batching", "--configs", "on-9", "--out", str(tmp_path))
     assert run.returncode == 2 and "on-9" in run.stderr
+
+
+def test_intra_event_benchmark_smoke(capsys):
+    """benchmarks/intra_event.py with tiny matrices, a few events and one repeat: the figures
+    are all in its last line of JSON and both thread counts gave the same products (its speed
+    is not checked)."""
+    from recorun.benchmarks import intra_event
+
+    figures = intra_event.main(["--events", "4", "--repeat", "1", "--size", "16"])
+    printed = last_json(capsys.readouterr().out)
+    assert printed == figures
+    assert figures["products_identical"] is True
+    assert figures["events"] == 4 and figures["streams"] == 1 and figures["size"] == 16
+    for key in ("two_threads_over_one", "ideal_two_threads_over_one", "throughput_hz_1thread",
+                "throughput_hz_2threads", "wall_s_1thread", "wall_s_2threads"):
+        assert figures[key] > 0, key
+    assert figures["two_threads_over_one"] == pytest.approx(
+        figures["throughput_hz_2threads"] / figures["throughput_hz_1thread"], rel=1e-3)
+    assert [len(figures["throughput_hz_runs"][t]) for t in ("1", "2")] == [1, 1]
+    assert set(figures["producer_ms"]) == set(intra_event.LABELS)
