@@ -442,7 +442,7 @@ class Scheduler:
         if error is None and self._run is None:
             self._run = Run(eid.run, conditions)
             error = self._transition("begin_run", self._run, f"run {eid.run}")
-        lumi = LuminosityBlock(eid.run, eid.lumi, conditions, run.event.index)
+        lumi = LuminosityBlock(eid.run, eid.lumi, conditions)
         self._lumi = lumi
         self.lumis.append(lumi)
         if error is None:

@@ -34,18 +34,14 @@ class Run:
 
 class LuminosityBlock:
     """One luminosity block: ``lumi.run`` and ``lumi.luminosity_block``. ``record(name)``: a
-    conditions record valid for it. ``first_index`` is the job index (``event.index``) of its
-    first event: ``event.index - lumi.first_index`` is an event's position in its block, the
-    same whatever the threads and streams. ``events`` and ``accepted`` (per trigger path)
-    count its events so far (final in ``end_luminosity_block``)."""
+    conditions record valid for it. ``events`` and ``accepted`` (per trigger path) count its
+    events so far (final in ``end_luminosity_block``)."""
 
-    __slots__ = ("run", "luminosity_block", "first_index", "_conditions", "events", "failed",
-                 "accepted")
+    __slots__ = ("run", "luminosity_block", "_conditions", "events", "failed", "accepted")
 
-    def __init__(self, run: int, luminosity_block: int, conditions=None, first_index: int = 0):
+    def __init__(self, run: int, luminosity_block: int, conditions=None):
         self.run = run
         self.luminosity_block = luminosity_block
-        self.first_index = first_index
         self._conditions = conditions
         self.events = 0
         self.failed = 0

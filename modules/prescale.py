@@ -17,11 +17,11 @@ column is in force from which luminosity block on::
 ``begin_luminosity_block`` (services are called before modules) and records which column
 applied to which block (its report). :class:`HLTPrescaler`, a filter placed first on a trigger
 path, reads its path's prescale from the service at each block's beginning and accepts the
-N-th, 2N-th, ... event of the block (N the prescale; 0: none).
+events whose number is a multiple of N (N the prescale; 0: none).
 
-Which events are accepted does not depend on threads or streams: an event's *position* in its
-block is its job index (:attr:`ModuleEvent.index`, the order the source reads) minus the job
-index of the block's first event (``lumi.first_index``, given at the block's beginning).
+Which events are accepted depends on the event alone, its event number, never on the order
+events reach the prescaler: the same events whatever the threads, streams, processes or
+chunks.
 """
 from __future__ import annotations
 
@@ -267,15 +267,15 @@ class PrescaleService(Service):
 class HLTPrescaler(Filter):
     """Accepts one event in N of each luminosity block, N the prescale of its trigger path in
     the column in force (a :class:`PrescaleService`); 0 accepts none. The events accepted are
-    those at positions N-1, 2N-1, ... of the block (its N-th, 2N-th, ... event, shifted by
-    ``offset``): floor(n / N) of a block of n events with offset 0, the same events whatever
-    the threads and streams. Put it first on its path."""
+    those whose event number plus ``offset`` is a multiple of N: one in N of a block of
+    consecutively numbered events, the same events whatever the threads, streams and chunks.
+    Put it first on its path."""
 
     concurrency = Concurrency.SHARED
     path = Param(str, "", doc="the trigger path whose prescale applies (\"\": the one trigger "
                               "path this module is on)")
-    offset = Param(int, 0, doc="accept the events at positions p of the block with "
-                               "(p + 1 + offset) % prescale == 0")
+    offset = Param(int, 0, doc="accept the events whose number n has "
+                               "(n + offset) % prescale == 0")
 
     def __init__(self, label: str = "", **params: Any):
         super().__init__(label, **params)
@@ -283,7 +283,6 @@ class HLTPrescaler(Filter):
         self.trigger_path: str | None = self.path or None    # else set by the service
         self._lock = threading.Lock()
         self._prescale = 1
-        self._first = 0
         self._seen = self._accepted = 0
         self._lumis: list[dict] = []
         self._current: dict | None = None
@@ -310,7 +309,6 @@ class HLTPrescaler(Filter):
             raise ConfigError("could not learn which trigger path it is on: give its 'path' "
                               "parameter", label=self.label, parameter="path")
         self._prescale = self.service.prescale(self.trigger_path)
-        self._first = lumi.first_index
         self._seen = self._accepted = 0
         self._current = {"run": lumi.run, "luminosity_block": lumi.luminosity_block,
                          "column": self.service.current_column, "prescale": self._prescale}
@@ -323,10 +321,9 @@ class HLTPrescaler(Filter):
 
     def filter(self, event) -> bool:
         n = self._prescale
-        position = event.index - self._first      # its place in the block, as read
+        accept = n > 0 and (event.id.event + self.offset) % n == 0
         with self._lock:
             self._seen += 1
-            accept = n > 0 and (position + 1 + self.offset) % n == 0
             if accept:
                 self._accepted += 1
         return accept

@@ -102,11 +102,11 @@ def prescale_workflow(table: Path, out: list | None = None, *, threads: int = 1,
 
 
 def expected_events(prescale: int, first: int, n: int = 10, offset: int = 0) -> list[int]:
-    """The event numbers of a lumi starting at event ``first`` that prescale N accepts: its
-    N-th, 2N-th, ... events (shifted by ``offset``)."""
+    """The event numbers of a lumi of ``n`` events from event ``first`` that prescale N accepts:
+    those whose number plus ``offset`` is a multiple of N."""
     if prescale == 0:
         return []
-    return [first + p for p in range(n) if (p + 1 + offset) % prescale == 0]
+    return [e for e in range(first, first + n) if (e + offset) % prescale == 0]
 
 
 # -- the table's checks ----------------------------------------------------------------------
@@ -217,13 +217,14 @@ def test_accepted_events_per_lumi_follow_the_column_in_force(table, threads, str
     assert result.exit_code == 0
     lumis = result.report["luminosity_blocks"]
     assert [(x["run"], x["luminosity_block"]) for x in lumis] == LUMIS
-    for entry, column in zip(lumis, COLUMNS):
+    for i, (entry, column) in enumerate(zip(lumis, COLUMNS)):
         assert entry["events"] == 10 and entry["failed"] == 0
         for path, prescale in PRESCALES[column].items():
-            # floor(n / N) per lumi of n events; none with prescale 0
-            expected = 10 // prescale if prescale else 0
+            # one in N of the lumi's 10 consecutive event numbers; none with prescale 0
+            expected = len(expected_events(prescale, 1 + 10 * i))
+            assert expected in ((10 // prescale, -(-10 // prescale)) if prescale else (0,))
             assert entry["accepted"].get(path, 0) == expected, (entry, path)
-    # the same events whatever the threads and streams: the N-th, 2N-th, ... of each lumi
+    # the same events whatever the threads and streams: numbers that are multiples of N
     expected = sorted((path, e) for i, column in enumerate(COLUMNS)
                       for path, prescale in PRESCALES[column].items()
                       for e in expected_events(prescale, 1 + 10 * i))
@@ -267,10 +268,10 @@ def test_the_column_parameter_replaces_the_default_column(table):
 
 def test_offset_shifts_the_accepted_events(table):
     out = Shared()
-    result = run_workflow(prescale_workflow(table, out, threads=2, streams=2, offset=2))
+    result = run_workflow(prescale_workflow(table, out, threads=2, streams=2, offset=1))
     assert result.exit_code == 0
     lumi_1_2 = sorted(e for path, e in out if path == "HLT_HT600" and 11 <= e <= 20)
-    assert lumi_1_2 == expected_events(3, 11, offset=2) == [11, 14, 17, 20]   # ceil(10 / 3)
+    assert lumi_1_2 == expected_events(3, 11, offset=1) == [11, 14, 17, 20]   # ceil(10 / 3)
     assert result.report["luminosity_blocks"][1]["accepted"]["HLT_HT600"] == 4
 
 
