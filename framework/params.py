@@ -122,10 +122,9 @@ class Param:
         return f"{self.name} ({kind}, {default}{choices}): {self.doc}"
 
 
-class InputTag(Param):
-    """A product this module reads: ``label`` or ``label:instance``. ``None`` reads nothing."""
-
-    consumes = True
+class _Name(Param):
+    """A name of something the module reads; ``None`` (the default None, or ``optional``)
+    reads nothing. Subclasses check the name in :meth:`check_name`."""
 
     def __init__(self, default=REQUIRED, doc: str = "", optional: bool = False):
         super().__init__(str, default, doc)
@@ -134,7 +133,18 @@ class InputTag(Param):
     def convert(self, value):
         if value is None and (self.optional or self.default is None):
             return None
-        value = super().convert(value)
+        return self.check_name(super().convert(value))
+
+    def check_name(self, value: str) -> str:
+        return value
+
+
+class InputTag(_Name):
+    """A product this module reads: ``label`` or ``label:instance``. ``None`` reads nothing."""
+
+    consumes = True
+
+    def check_name(self, value):
         try:
             return canonical_tag(value)
         except ValueError as exc:
@@ -144,7 +154,7 @@ class InputTag(Param):
         return [] if value is None else [value]
 
 
-class Record(Param):
+class Record(_Name):
     """A conditions record this module reads (:mod:`recorun.framework.conditions`), by name:
     ``gains = Record("HcalGains")``. The graph checks before the first event that the
     workflow's ConditionsService provides it; the module reads it with
@@ -153,14 +163,7 @@ class Record(Param):
 
     records = True
 
-    def __init__(self, default=REQUIRED, doc: str = "", optional: bool = False):
-        super().__init__(str, default, doc)
-        self.optional = optional
-
-    def convert(self, value):
-        if value is None and (self.optional or self.default is None):
-            return None
-        value = super().convert(value)
+    def check_name(self, value):
         if not value.strip():
             raise ParamError(self.name, "a conditions record name may not be empty")
         return value
