@@ -41,10 +41,13 @@ class BuiltWorkflow:
         return source
 
     def new_instance(self, label: str) -> Module:
-        """Another copy of module ``label`` with the same parameters (one per stream)."""
+        """Another copy of module ``label`` with the same parameters (one per stream), set up
+        as the first: services, shapes, ``check_workflow``."""
         spec = self.config.modules[label]
         module = type(self.graph.nodes[label].module)(label, **spec.params)
+        module.services = self.services
         _tell_shapes(self.source, {label: module})
+        module.check_workflow(self.config)
         return module
 
 
@@ -80,6 +83,7 @@ def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
         module.services = services
     _check_requirements(config, source, services, modules)
     _check_records(config, services, modules)
+    _check_workflow(config, services, modules)
     _check_output_files(config, source, modules)
     return BuiltWorkflow(config, source, services, graph)
 
@@ -130,6 +134,24 @@ def _check_records(config: WorkflowConfig, services: dict, modules: dict) -> Non
                           f"ConditionsService, files: [conditions.yaml]}}}})", file=config.file,
                           label=label)
     services[labels[0]].check(records)
+
+
+def _check_workflow(config: WorkflowConfig, services: dict, modules: dict) -> None:
+    """Every module's, then every service's ``check_workflow``; their ConfigErrors get the
+    workflow file (and the label) when they lack them."""
+    users = [*((label, "module", m.check_workflow, (config,)) for label, m in modules.items()),
+             *((label, "service", s.check_workflow, (config, modules))
+               for label, s in services.items())]
+    for label, what, check, args in users:
+        try:
+            check(*args)
+        except ConfigError as exc:
+            if exc.file is not None:
+                raise
+            if exc.label is None:
+                raise ConfigError(str(exc), file=config.file, label=label,
+                                  what=what) from None
+            raise ConfigError(str(exc), file=config.file) from None
 
 
 def _check_output_files(config: WorkflowConfig, source, modules: dict) -> None:

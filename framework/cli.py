@@ -39,11 +39,14 @@ def _provenance(argv: list[str]) -> int:
 BUILTIN_SUBCOMMANDS = {"provenance": _provenance}
 
 
-def parser(executors: dict) -> argparse.ArgumentParser:
+def parser(executors: dict, subcommands=()) -> argparse.ArgumentParser:
+    commands = "".join(f"  recorun {name} ...\n" for name in sorted(subcommands))
     p = argparse.ArgumentParser(
         prog="recorun", description="Run a recorun workflow (a YAML file of modules and paths).",
-        epilog="exit codes: 0 ok, 2 configuration error, 3 input data error, "
-               "4 module error on an event, 130 interrupted")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(f"subcommands (each with its own --help):\n{commands}\n" if commands else "")
+        + "exit codes: 0 ok, 2 configuration error, 3 input data error, 4 module error on an "
+          "event,\n128 + N stopped by signal N (130: Ctrl-C, 143: SIGTERM)")
     p.add_argument("workflow", nargs="?", help="the workflow YAML file")
     p.add_argument("-n", "--max-events", type=int, metavar="N",
                    help="process at most N events (process.max_events)")
@@ -283,7 +286,7 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_CONFIG
     if argv and argv[0] in subcommands:
         return subcommands[argv[0]](argv[1:])
-    cli = parser(executors)
+    cli = parser(executors, subcommands)
     args = cli.parse_args(argv)
     logging.basicConfig(stream=err, format="%(message)s",
                         level=logging.WARNING if args.quiet else logging.INFO)

@@ -53,16 +53,20 @@ class ModuleError(RecorunError):
     exit_code = EXIT_MODULE
 
     def __init__(self, cause: BaseException, *, event_id, stream: int, module_type: str,
-                 label: str, method: str, path: str | None = None):
+                 label: str, method: str, path: str | None = None, what: str = "module",
+                 context: str | None = None):
+        """``context`` replaces "on event E (stream S)" in the message (a run or lumi
+        transition: "at the beginning of lumi 1:3"); ``what``: module or service."""
         self.cause = cause
         if isinstance(cause, ConfigError):   # a configuration error found with an event
             self.exit_code = EXIT_CONFIG
         self.event_id, self.stream, self.path = event_id, stream, path
         self.module_type, self.label, self.method = module_type, label, method
-        on_path = f", path '{path}'" if path else ""
-        super().__init__(
-            f"module '{label}' ({module_type}) failed in {self.where} on event {event_id} "
-            f"(stream {stream}{on_path}): {type(cause).__name__}: {cause}")
+        if context is None:
+            on_path = f", path '{path}'" if path else ""
+            context = f"on event {event_id} (stream {stream}{on_path})"
+        super().__init__(f"{what} '{label}' ({module_type}) failed in {self.where} {context}: "
+                         f"{type(cause).__name__}: {cause}")
 
     @property
     def where(self) -> str:

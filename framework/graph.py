@@ -16,7 +16,7 @@ import networkx as nx
 
 from .config import WorkflowConfig
 from .event import make_tag, tag_label
-from .module import Module, Producer
+from .module import Concurrency, Module, Producer
 from .source import SOURCE_LABEL
 
 TRIGGER_RESULTS = "TriggerResults"
@@ -40,6 +40,18 @@ def _param_of(module: Module, tag: str) -> str | None:
         if param.consumes and tag in param.tags(getattr(module, name)):
             return name
     return None
+
+
+def unmerged_copies(label: str, cls) -> str | None:
+    """A per-stream module that defines end_job and does not merge its copies: each copy's
+    end_job sees only its own stream's events, which a newcomer does not expect."""
+    if (Concurrency(cls.concurrency) is not Concurrency.STREAM or cls.end_job is Module.end_job
+            or cls.merge_streams is not Module.merge_streams):
+        return None
+    return (f"module '{label}' ({cls.__name__}) has one copy per stream (concurrency "
+            f"'stream') and an end_job, but no merge_streams: each copy sees only its own "
+            f"stream's events. Define merge_streams(self, others) to fold the copies together, "
+            f"or use concurrency = 'serial' (one instance that sees every event)")
 
 
 class ModuleGraph:
@@ -116,11 +128,16 @@ class ModuleGraph:
         raise self.config.error("dependency cycle: " + " -> ".join(labels), labels[0])
 
     def warnings(self) -> list[str]:
-        """Modules that would never run."""
+        """Modules that would never run, and per-stream modules that would each see only
+        their own stream's events in end_job."""
         consumed = {n for n in self.graph if self.graph.out_degree(n)}
         scheduled = self.path_labels | self.end_path_labels
-        return [f"module '{label}' is on no path and no module reads it: it never runs"
-                for label in self.nodes if label not in scheduled and label not in consumed]
+        found = [f"module '{label}' is on no path and no module reads it: it never runs"
+                 for label in self.nodes if label not in scheduled and label not in consumed]
+        if self.config.process.streams > 1:
+            found += [warning for node in self.nodes.values()
+                      if (warning := unmerged_copies(node.label, type(node.module)))]
+        return found
 
     def topological_labels(self) -> list[str]:
         return [n for n in nx.lexicographical_topological_sort(self.graph) if n != SOURCE_LABEL]

@@ -83,6 +83,13 @@ class Module(Configurable):
     def produced_instances(self) -> tuple[str, ...]:
         return tuple(self.produces)
 
+    def check_workflow(self, workflow) -> None:
+        """Called when the workflow is built (also by ``recorun --check``), with
+        :attr:`services` set: raise :class:`~framework.ConfigError` when the workflow around
+        this module cannot work (a service it needs is missing, it is on no path...).
+        ``workflow``: the :class:`~recorun.framework.config.WorkflowConfig` (``paths``,
+        ``endpaths``, ``modules``, ``file``)."""
+
     def begin_job(self) -> None:
         """Called once per instance before the first event. Raise
         :class:`~framework.ConfigError` for a configuration found wrong here (exit code 2)."""

@@ -263,4 +263,7 @@ def run_workflow(workflow: dict, *, file: str = "<workflow>", overrides=(), trac
     """Run a workflow given as a mapping (as the YAML would hold; ``type`` may be a class)."""
     raw = copy.deepcopy(workflow)
     apply_overrides(raw, list(overrides), file)
-    return run_job(build_workflow(parse_workflow(raw, file)), trace=trace, quiet=quiet, out=out)
+    built = build_workflow(parse_workflow(raw, file))
+    for warning in built.graph.warnings():
+        log.warning("recorun: warning: %s: %s", file, warning)
+    return run_job(built, trace=trace, quiet=quiet, out=out)

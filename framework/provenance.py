@@ -223,7 +223,8 @@ class JobProvenance:
             param = getattr(type(node.module), "output_file_param", None)
             if param and spec is not None and param in spec.params:
                 params[param] = plain(spec.params[param])   # not a chunk's part file
-            entry["file"] = params.get(param) if param else None
+            file = params.get(param) if param else None
+            entry["file"] = os.path.abspath(file) if isinstance(file, str) and file else file
             entry["parameters"] = params
         return entry
 
@@ -498,18 +499,23 @@ def format_record(record: dict, path: str = "") -> str:
             lines.append(f"             events selected by {', '.join(output['select_events'])}")
         products = entry.get("products") or {}
         lines.append(f"  products   {len(products)}")
+        modules: dict[str, dict] = {}          # each module once, in the order first met
         for tag, product in products.items():
             branch = product.get("branch")
             producer = product.get("producer")
+            chain = product.get("modules") or {}
+            modules.update((label, m) for label, m in chain.items() if label not in modules)
             made = ("read from the input files" if producer == "source"
-                    else f"made by {producer}")
+                    else f"made by {' <- '.join(reversed(list(chain))) or producer}")
             lines.append(f"    {tag}" + (f" (branch {branch})" if branch and branch != tag
                                          else "") + f", {made}")
-            for label, module in (product.get("modules") or {}).items():
-                lines.append(f"      {label}: {module.get('type')}")
-                lines += _parameters_text(module.get("parameters"), "          ")
-                if isinstance(module.get("provenance"), dict):
-                    lines += _hook_text(module["provenance"], "          ")
+        if modules:
+            lines.append(f"  modules    {len(modules)}")
+        for label, module in modules.items():
+            lines.append(f"    {label}: {module.get('type')}")
+            lines += _parameters_text(module.get("parameters"), "        ")
+            if isinstance(module.get("provenance"), dict):
+                lines += _hook_text(module["provenance"], "        ")
     return "\n".join(lines)
 
 

@@ -169,6 +169,10 @@ def time_report(report: dict) -> str:
 LOW_EFFICIENCY = 0.6
 
 
+#: jobs shorter than this (event loop, seconds) get no advice: too little to judge by
+SHORT_JOB_S = 2.0
+
+
 def thread_advice(report: dict) -> list[str]:
     """What to change when the threads of a job wait more than they work: with several
     threads and a low CPU efficiency, the modules that took the most CPU time (Python code
@@ -177,6 +181,12 @@ def thread_advice(report: dict) -> list[str]:
     threads, efficiency = report.get("threads", 1), report.get("cpu_efficiency")
     if threads < 2 or efficiency is None or efficiency >= LOW_EFFICIENCY:
         return []
+    if report.get("wall_s", 0.0) < SHORT_JOB_S:
+        return []                    # set-up and the first events' latency weigh too much
+    waiting = sum(m.get("external_ms_mean", 0.0) * m.get("runs", 0)
+                  for m in report["modules"].values()) / 1000.0
+    if waiting > 0.5 * report.get("wall_s", 0.0) * threads:
+        return []                    # the threads wait for external work: that is their job
     modules = sorted(((m["cpu_ms_total"], label) for label, m in report["modules"].items()),
                      reverse=True)
     total = sum(cpu for cpu, _ in modules) or 1.0

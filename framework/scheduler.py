@@ -112,7 +112,7 @@ class Worker:
 
     __slots__ = ("label", "index", "type_name", "kind", "method", "external", "deps",
                  "upstream", "consumes", "records", "instances", "select_events", "copies",
-                 "queue", "stats", "plain", "calls", "result_arg")
+                 "queue", "stats", "plain", "calls", "result_arg", "result_dropped")
 
     def __init__(self, index, node, copies, streams, queue):
         self.label = node.label
@@ -134,6 +134,7 @@ class Worker:
         self.calls: list = []  # per stream: the bound method `method` (`produce` for ExternalWork)
         # ExternalWork: produce(event, result) takes the holder's result
         self.result_arg = self.external and _takes_result(type(node.module).produce)
+        self.result_dropped = False    # warned: a result given to a produce(event) form
 
     def instance(self, stream: int):
         copies = self.copies
@@ -143,18 +144,6 @@ class Worker:
 def merges_streams(cls) -> bool:
     """Whether a module type folds its per-stream copies together (defines merge_streams)."""
     return cls.merge_streams is not Module.merge_streams
-
-
-def _warn_unmerged(label: str, cls) -> None:
-    """A per-stream module that defines end_job and does not merge its copies: each copy's
-    end_job sees only its own stream's events, which a newcomer does not expect."""
-    if cls.end_job is Module.end_job or merges_streams(cls):
-        return
-    log.warning("module '%s' (%s) has one copy per stream (concurrency 'stream') and an "
-                "end_job, but no merge_streams: each copy sees only its own stream's events. "
-                "Define merge_streams(self, others) to fold the copies together, or use "
-                "concurrency = 'serial' (one instance that sees every event)", label,
-                cls.__name__)
 
 
 def _takes_result(produce) -> bool:
@@ -258,12 +247,8 @@ class Scheduler:
             node = graph.nodes[label]
             concurrency = Concurrency(type(node.module).concurrency)
             if concurrency is Concurrency.STREAM:
-                if self.streams > 1:
-                    _warn_unmerged(label, type(node.module))
                 copies = [node.module] + [self.built.new_instance(label)
                                           for _ in range(self.streams - 1)]
-                for copy in copies[1:]:
-                    copy.services = node.module.services
             else:
                 copies = [node.module]
             if node.kind == "output" and getattr(node.module, "ordered", False):
@@ -433,20 +418,22 @@ class Scheduler:
         eid = run.event.id
         error = self._end_lumi(eid.run)
         conditions = None
+        before = f"at the beginning of lumi {eid.run}:{eid.lumi}, before event {eid}"
         if error is None and self.conditions is not None:
             try:
                 conditions = self.conditions.for_lumi(eid.run, eid.lumi)
             except Exception as exc:
-                error = self._transition_error(exc, "conditions", "ConditionsService",
-                                               "for_lumi", f"{eid.run}:{eid.lumi}")
+                label = next(k for k, v in self.built.services.items() if v is self.conditions)
+                error = self._transition_error(exc, label, type(self.conditions).__name__,
+                                               "for_lumi", before, eid, "service")
         if error is None and self._run is None:
             self._run = Run(eid.run, conditions)
-            error = self._transition("begin_run", self._run, f"run {eid.run}")
+            error = self._transition("begin_run", self._run, before, eid)
         lumi = LuminosityBlock(eid.run, eid.lumi, conditions)
         self._lumi = lumi
         self.lumis.append(lumi)
         if error is None:
-            error = self._transition("begin_luminosity_block", lumi, f"{eid.run}:{eid.lumi}")
+            error = self._transition("begin_luminosity_block", lumi, before, eid)
         run.event.lumi = lumi
         if error is not None:
             run.error = error
@@ -458,15 +445,16 @@ class Scheduler:
         lumi, self._lumi = self._lumi, None
         if lumi is not None:
             error = self._transition("end_luminosity_block", lumi,
-                                     f"{lumi.run}:{lumi.luminosity_block}")
+                                     f"at the end of lumi {lumi.run}:{lumi.luminosity_block}")
         if self._run is not None and self._run.run != next_run:
             run, self._run = self._run, None
-            error = self._transition("end_run", run, f"run {run.run}") or error
+            error = self._transition("end_run", run, f"at the end of run {run.run}") or error
         return error
 
-    def _transition(self, hook: str, what, where: str):
+    def _transition(self, hook: str, what, where: str, event_id="(none)"):
         """Call ``hook(what)`` on every service, then on every module instance in graph order;
-        the first error (the job stops), or None."""
+        the first error (the job stops), or None. ``where`` (the transition) goes in its
+        message; ``event_id``: the event that waits for it."""
         error = None
         for label, service in self.built.services.items():
             method = getattr(service, hook, None)
@@ -476,19 +464,21 @@ class Scheduler:
                 method(what)
             except Exception as exc:
                 error = error or self._transition_error(exc, label, type(service).__name__,
-                                                        hook, where)
+                                                        hook, where, event_id, "service")
         for worker in self.workers.values():
             for module in worker.copies:
                 try:
                     getattr(module, hook)(what)
                 except Exception as exc:
                     error = error or self._transition_error(exc, worker.label,
-                                                            worker.type_name, hook, where)
+                                                            worker.type_name, hook, where,
+                                                            event_id)
         return error
 
-    def _transition_error(self, exc, label, type_name, method, where) -> ModuleError:
-        error = ModuleError(exc, event_id=where, stream=-1, module_type=type_name, label=label,
-                            method=method)
+    def _transition_error(self, exc, label, type_name, method, where, event_id,
+                          what="module") -> ModuleError:
+        error = ModuleError(exc, event_id=event_id, stream=-1, module_type=type_name,
+                            label=label, method=method, what=what, context=where)
         error.__cause__ = exc
         if isinstance(exc, ConfigError):
             self.stop("configuration error", error)
@@ -911,6 +901,12 @@ class Scheduler:
         fn = worker.calls[run.stream]
         if worker.result_arg:
             return self._call(run, worker, state.path, "produce", fn, holder.result)
+        if holder.result is not None and not worker.result_dropped:
+            worker.result_dropped = True
+            log.warning("recorun: warning: module '%s' (%s): its external work passed a result "
+                        "to holder.done(), but its produce(event) takes none: define "
+                        "produce(self, event, result) to receive it", worker.label,
+                        worker.type_name)
         return self._call(run, worker, state.path, "produce", fn)
 
     def _fail(self, run, worker, path, method, exc) -> None:

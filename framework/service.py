@@ -15,6 +15,11 @@ from .params import Configurable
 
 class Service(Configurable):
 
+    def check_workflow(self, workflow, modules: dict) -> None:
+        """Called when the workflow is built (also by ``recorun --check``), after the modules'
+        ``check_workflow``, with the modules by label: raise ConfigError for a workflow that
+        cannot work with this service, or log a warning for one that looks wrong."""
+
     def begin_job(self) -> None:
         """Called before the modules' begin_job."""
 

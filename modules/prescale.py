@@ -25,6 +25,7 @@ chunks.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -208,35 +209,39 @@ class PrescaleService(Service):
         self.current_column = self.default_column
         self._lock = threading.Lock()
         self._lumis: list[dict] = []
-        self._prescalers: list[HLTPrescaler] = []
 
     # -- the prescalers -----------------------------------------------------------------------
-    def register(self, prescaler: "HLTPrescaler") -> None:
-        """Called by each :class:`HLTPrescaler` at its begin_job."""
-        with self._lock:
-            self._prescalers.append(prescaler)
-
-    def job_started(self, scheduler) -> None:
-        """Tell every prescaler its trigger path."""
-        config = scheduler.built.config
-        for prescaler in self._prescalers:
-            prescaler.trigger_path = self._path_of(prescaler, config)
-            if prescaler.trigger_path not in self.prescale_table.prescales:
-                log.warning("module '%s' (HLTPrescaler): path '%s' is not in the prescale "
-                            "table %s: prescale 1 in every column", prescaler.label,
-                            prescaler.trigger_path, self.table)
+    def check_workflow(self, workflow, modules: dict) -> None:
+        """Warn about table rows that name no trigger path of the workflow (a typo would
+        leave the real path unprescaled) and prescaled paths the table lacks."""
+        paths = list(workflow.paths)
+        for row in self.prescale_table.prescales:
+            if row not in workflow.paths:
+                near = difflib.get_close_matches(row, paths, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                log.warning("recorun: warning: %s: prescale table %s has a row for '%s', "
+                            "which is no trigger path of the workflow%s", workflow.file,
+                            self.table, row, hint)
+        for label, module in modules.items():
+            if isinstance(module, HLTPrescaler) and \
+                    module.trigger_path not in self.prescale_table.prescales:
+                log.warning("recorun: warning: %s: module '%s' (HLTPrescaler): path '%s' is "
+                            "not in the prescale table %s: prescale 1 in every column",
+                            workflow.file, label, module.trigger_path, self.table)
 
     @staticmethod
-    def _path_of(prescaler: "HLTPrescaler", config) -> str:
+    def path_of(prescaler: "HLTPrescaler", workflow) -> str:
+        """The trigger path whose prescale ``prescaler`` applies: its ``path``, else the one
+        trigger path it is on."""
         if prescaler.path:
             return prescaler.path
-        on = [name for name, labels in config.paths.items() if prescaler.label in labels]
+        on = [name for name, labels in workflow.paths.items() if prescaler.label in labels]
         if len(on) == 1:
             return on[0]
         where = ("is on no trigger path" if not on else
                  f"is on {len(on)} trigger paths ({', '.join(on)})")
         raise ConfigError(f"{where}: give the path whose prescale applies with its 'path' "
-                          f"parameter", file=config.file, label=prescaler.label,
+                          f"parameter", file=workflow.file, label=prescaler.label,
                           parameter="path")
 
     # -- luminosity blocks --------------------------------------------------------------------
@@ -287,7 +292,9 @@ class HLTPrescaler(Filter):
         self._lumis: list[dict] = []
         self._current: dict | None = None
 
-    def begin_job(self):
+    def check_workflow(self, workflow):
+        """A PrescaleService, one trigger path, an offset of 0 or more: before the first
+        event (and with ``recorun --check``)."""
         found = {label: s for label, s in self.services.items()
                  if isinstance(s, PrescaleService)}
         if not found:
@@ -302,12 +309,9 @@ class HLTPrescaler(Filter):
             raise ConfigError(f"must be 0 or more, got {self.offset}", label=self.label,
                               parameter="offset")
         self.service = next(iter(found.values()))
-        self.service.register(self)
+        self.trigger_path = PrescaleService.path_of(self, workflow)
 
     def begin_luminosity_block(self, lumi):
-        if self.trigger_path is None:
-            raise ConfigError("could not learn which trigger path it is on: give its 'path' "
-                              "parameter", label=self.label, parameter="path")
         self._prescale = self.service.prescale(self.trigger_path)
         self._seen = self._accepted = 0
         self._current = {"run": lumi.run, "luminosity_block": lumi.luminosity_block,

@@ -295,12 +295,22 @@ def test_a_path_missing_from_the_table_is_warned_about_and_prescaled_by_1(table,
 def test_a_prescaler_on_two_paths_must_name_its_path(table):
     workflow = prescale_workflow(table)
     workflow["paths"]["HLT_HT600"].insert(0, "pre_HLT_MinBias")
-    result = run_workflow(workflow)
-    assert result.exit_code == 2
-    assert "module 'pre_HLT_MinBias'" in str(result.error)
-    assert "parameter 'path'" in str(result.error)
-    assert "HLT_MinBias, HLT_HT600" in str(result.error)
-    assert result.report["events"]["read"] == 0
+    with pytest.raises(ConfigError) as info:          # when the workflow is built
+        run_workflow(workflow)
+    assert info.value.exit_code == 2
+    assert "module 'pre_HLT_MinBias'" in str(info.value)
+    assert "parameter 'path'" in str(info.value)
+    assert "HLT_MinBias, HLT_HT600" in str(info.value)
+
+
+def test_a_table_row_naming_no_path_is_warned_about_with_the_nearest_path(table, caplog):
+    workflow = prescale_workflow(table)
+    workflow["paths"]["HLT_MinBiass"] = workflow["paths"].pop("HLT_MinBias")
+    workflow["modules"]["pre_HLT_MinBias"]["path"] = "HLT_MinBias"
+    with caplog.at_level(logging.WARNING):
+        run_workflow(workflow)
+    assert ("has a row for 'HLT_MinBias', which is no trigger path of the workflow (did you "
+            "mean 'HLT_MinBiass'?)") in caplog.text
 
 
 @pytest.mark.subprocess
@@ -310,11 +320,12 @@ def test_a_prescaler_without_a_prescale_service_exits_with_code_2(tmp_path):
         "source": TWO_RUNS,
         "modules": {"minBiasPrescale": {"type": "HLTPrescaler"}},
         "paths": {"HLT_MinBias": ["minBiasPrescale"]}}))
-    done = subprocess.run([*RECORUN, str(file), "-q"], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
-    assert done.returncode == 2, done.stderr
-    assert "module 'minBiasPrescale'" in done.stderr
-    assert "needs a PrescaleService" in done.stderr
+    for check in ([], ["--check"]):                 # --check finds it too
+        done = subprocess.run([*RECORUN, str(file), "-q", *check], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2, done.stderr
+        assert f"{file}: module 'minBiasPrescale'" in done.stderr
+        assert "needs a PrescaleService" in done.stderr
 
 
 # -- the HLT workflow's table ------------------------------------------------------------------

@@ -86,7 +86,7 @@ def test_a_job_writes_what_made_its_products(step1):
     assert job["inputs"] == []
     output = job["output"]
     assert (output["label"], output["type"], output["file"], output["events"]) == \
-        ("output", "RootOutput", "step1.root", 20)
+        ("output", "RootOutput", str(step1 / "step1.root"), 20)          # made absolute
     jets, towers = job["products"]["jets"], job["products"]["towers"]
     assert jets["producer"] == "jets" and jets["branch"] == "jets"
     assert list(jets["modules"]) == ["hits", "towers", "jets"]          # dependencies first
@@ -100,7 +100,8 @@ def test_a_job_writes_what_made_its_products(step1):
 
     text = ok(recorun(step1, "provenance", "step1.root")).stdout
     for words in ("written by 1 process", "STEP1", f"recorun    {VERSION}",
-                  "output (RootOutput): step1.root, 20 events", "jets, made by jets",
+                  f"output (RootOutput): {step1 / 'step1.root'}, 20 events",
+                  "jets, made by jets <- towers <- hits", "modules    3",
                   "TowerJetProducer", "radius=0.6", "ToyCaloHitProducer", "seed=7",
                   "CaloTowerProducer", "EmptySource", "inputs     (none)"):
         assert words in text, (words, text)
@@ -156,7 +157,7 @@ def test_a_chunked_job_writes_one_merged_provenance(step1):
     assert chunked[0] == single[0]                                   # the history, once
     job = chunked[1]
     assert job["merged_parts"] == 4 and job["output"]["events"] == 20
-    assert job["output"]["file"] == "chunked.root"
+    assert job["output"]["file"] == str(step1 / "chunked.root")
     assert job["inputs"] == single[1]["inputs"] == [str(step1 / "step1.root")]
     assert job["products"] == single[1]["products"]
     assert job["workflow"]["modules"]["output"]["file"] == "chunked.root"

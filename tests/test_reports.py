@@ -193,3 +193,20 @@ def test_trace_has_one_complete_event_per_module_call(job):
     assert events == {f"1:1:{n}" for n in range(1, N_EVENTS + 1)}
     lanes = {e["args"]["name"] for e in trace["traceEvents"] if e["ph"] == "M"}
     assert "external sorted" in lanes
+
+
+def _advice_report(wall_s: float, external_ms_mean: float = 0.0) -> dict:
+    """A 2-thread job report of 100 events whose threads were busy a third of the time."""
+    return {"threads": 2, "cpu_efficiency": 0.33, "wall_s": wall_s,
+            "modules": {"jets": {"cpu_ms_total": 900.0, "runs": 100,
+                                 "external_ms_mean": external_ms_mean},
+                        "met": {"cpu_ms_total": 100.0, "runs": 100}}}
+
+
+def test_advice_names_the_modules_of_a_cpu_bound_job_with_idle_threads():
+    from recorun.framework.reports import thread_advice
+    (line,) = thread_advice(_advice_report(wall_s=30.0))
+    assert "jets 90 %" in line and "--processes 2 -j 1" in line
+    assert thread_advice(_advice_report(wall_s=0.5)) == []             # too short to judge
+    # threads that wait for external work (100 x 500 ms of 60 thread-seconds) are not idle
+    assert thread_advice(_advice_report(wall_s=30.0, external_ms_mean=500.0)) == []

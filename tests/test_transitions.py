@@ -159,7 +159,8 @@ class Needs(Filter):
 
 
 class OldStyleExternal(ExternalWorkProducer):
-    """The older ExternalWork form: produce(event) without a result, done(exception)."""
+    """The older ExternalWork form: produce(event) without a result, done(exception); a
+    result given to done() anyway is warned about."""
 
     concurrency = Concurrency.SHARED
 
@@ -167,7 +168,7 @@ class OldStyleExternal(ExternalWorkProducer):
         if event.id.event == 4:
             holder.done(ConnectionError("injected failure of the external work"))
         else:
-            holder.done()
+            holder.done(event.id.event if event.id.event == 7 else None)
 
     def produce(self, event):
         event.put(event.id.event * 2)
@@ -263,8 +264,11 @@ def test_a_failing_lumi_hook_stops_the_job_and_accounts_for_every_event():
     assert result.exit_code == EXIT_MODULE
     assert report["stop_reason"] == "module error"
     assert report["events"] == {"read": 11, "accepted": 10, "rejected": 0, "failed": 1}
+    assert ("module 'bad' (FailingLumiHook) failed in begin_luminosity_block() at the "
+            "beginning of lumi 1:2, before event 1:2:11") in str(result.error)
     failure = report["failed_events"][0]
     assert failure["index"] == 10 and failure["method"] == "begin_luminosity_block"
+    assert failure["event"] == "1:2:11"
     assert "injected failure at lumi 2" in failure["error"]
     assert "49 events not read" in report["not_processed"]
 
@@ -327,11 +331,13 @@ def test_external_results_reach_produce_and_nothing_is_left_when_events_fail():
     assert result.scheduler.workers["a_square"].copies[0]
 
 
-def test_the_older_external_work_form_still_works():
-    result = run_workflow(workflow({"old": {"type": OldStyleExternal},
+def test_the_older_external_work_form_still_works(caplog):
+    with caplog.at_level(logging.WARNING):
+        result = run_workflow(workflow({"old": {"type": OldStyleExternal},
                                     "use": {"type": Needs, "inputs": ["old"]}},
                                    {"p": ["use"]}, threads=2, streams=2,
                                    on_error="skip_event"))
+    assert caplog.text.count("its produce(event) takes none") == 1
     assert result.report["events"]["failed"] == 1
     failure = result.report["failed_events"][0]
     assert failure["event"] == "1:1:4" and "injected failure" in failure["error"]
