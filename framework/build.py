@@ -66,6 +66,17 @@ def _instantiate(config: WorkflowConfig, spec: PluginSpec, kind: str, base: type
         return cls(**spec.params)
     except ParamError as exc:
         raise ConfigError(str(exc), parameter=exc.name, **where) from None
+    except ConfigError as exc:
+        raise _placed(exc, config, spec.label, kind) from None
+
+
+def _placed(exc: ConfigError, config: WorkflowConfig, label: str, what: str) -> ConfigError:
+    """``exc`` with the workflow file, and the label when it names none."""
+    if exc.file is not None:
+        return exc
+    if exc.label is None:
+        return ConfigError(str(exc), file=config.file, label=label, what=what)
+    return ConfigError(str(exc), file=config.file)
 
 
 def build_workflow(config: WorkflowConfig) -> BuiltWorkflow:
@@ -133,7 +144,10 @@ def _check_records(config: WorkflowConfig, services: dict, modules: dict) -> Non
                           f"ConditionsService (services: {{conditions: {{type: "
                           f"ConditionsService, files: [conditions.yaml]}}}})", file=config.file,
                           label=label)
-    services[labels[0]].check(records)
+    try:
+        services[labels[0]].check(records)
+    except ConfigError as exc:
+        raise _placed(exc, config, labels[0], "service") from None
 
 
 def _check_workflow(config: WorkflowConfig, services: dict, modules: dict) -> None:
@@ -146,12 +160,7 @@ def _check_workflow(config: WorkflowConfig, services: dict, modules: dict) -> No
         try:
             check(*args)
         except ConfigError as exc:
-            if exc.file is not None:
-                raise
-            if exc.label is None:
-                raise ConfigError(str(exc), file=config.file, label=label,
-                                  what=what) from None
-            raise ConfigError(str(exc), file=config.file) from None
+            raise _placed(exc, config, label, what) from None
 
 
 def _check_output_files(config: WorkflowConfig, source, modules: dict) -> None:
