@@ -3,7 +3,8 @@
 A workflow is a mapping with these keys (only ``source`` and ``modules`` are required)::
 
     process:   {name, threads, streams, processes, native_threads, max_events,
-                on_error: stop|skip_event, watchdog_s, report_every_s, synchronous}
+                on_error: stop|skip_event, watchdog_s, report_every_s, synchronous,
+                drain_timeout_s}
     source:    {type: EmptySource, <parameters>}
     services:  {label: {type: ..., <parameters>}}
     modules:   {label: {type: ..., [select_events: [path, ...]], <parameters>}}
@@ -41,6 +42,8 @@ class ProcessOptions:
     max_events: int | None = None
     on_error: str = "stop"
     watchdog_s: float = 300.0           # warn about a module call running longer (0: off)
+    drain_timeout_s: float = 60.0       # after a signal, how long events in flight may take
+                                        # to finish before they are abandoned (0: no limit)
     report_every_s: float = 10.0        # period of the rate lines (0: off)
     synchronous: bool = False           # debugging: one thread, one stream, one fixed order
 
@@ -53,6 +56,7 @@ PROCESS_TYPES = {"name": (str,), "threads": (int,), "streams": (int, type(None))
                  "processes": (int,), "native_threads": (int,),
                  "max_events": (int, type(None)), "on_error": (str,),
                  "watchdog_s": (int, float), "report_every_s": (int, float),
+                 "drain_timeout_s": (int, float),
                  "synchronous": (bool,)}
 
 
@@ -201,6 +205,9 @@ def parse_workflow(raw: dict, file: str) -> WorkflowConfig:
     if process.native_threads < 0:
         raise ConfigError(f"process.native_threads must be >= 0 (0: the libraries' own "
                           f"default), got {process.native_threads}", file=file)
+    if process.drain_timeout_s < 0:
+        raise ConfigError(f"process.drain_timeout_s must be >= 0 (0: no limit), got "
+                          f"{process.drain_timeout_s}", file=file)
     if process.max_events is not None and process.max_events < 0:
         raise ConfigError(f"process.max_events must be >= 0, got {process.max_events}", file=file)
     if process.on_error not in ("stop", "skip_event"):

@@ -15,6 +15,8 @@ import traceback
 from collections import deque
 
 _local = threading.local()
+#: how long the end of a run waits for each pool thread to stop
+JOIN_TIMEOUT_S = 10.0
 
 
 class ThreadPool:
@@ -56,8 +58,8 @@ class ThreadPool:
             self._stopping.set()
             for _ in self._threads:
                 self._queue.put(None)
-            for t in self._threads:
-                t.join()
+            for t in self._threads:       # a thread stuck in a module call (a run
+                t.join(JOIN_TIMEOUT_S)    # abandoned) is a daemon: left behind
 
     def _work(self, finished: threading.Event) -> None:
         inline: deque = deque()

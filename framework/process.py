@@ -10,6 +10,7 @@ import copy
 import logging
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -143,6 +144,11 @@ def not_processed(scheduler: Scheduler, source) -> str | None:
     status = scheduler.status
     if status.stop_reason is None:
         return None
+    abandoned = ""
+    if status.abandoned:
+        indices = ", ".join(str(a["index"]) for a in status.abandoned)
+        abandoned = (f"{len(status.abandoned)} events in flight abandoned when the drain timed "
+                     f"out (event indices {indices})")
     try:
         total = source.total_events()
     except Exception:        # never opened: a service's begin_job failed before the source's
@@ -150,9 +156,11 @@ def not_processed(scheduler: Scheduler, source) -> str | None:
     if total is not None:
         left = total - status.read
         if left <= 0:
-            return None
-        return f"{left} events not read (event indices {status.read} to {total - 1})"
-    return f"the source's events from index {status.read} on were not read"
+            return abandoned or None
+        unread = f"{left} events not read (event indices {status.read} to {total - 1})"
+    else:
+        unread = f"the source's events from index {status.read} on were not read"
+    return f"{abandoned}; {unread}" if abandoned else unread
 
 
 def _wait_until(start_at: float, scheduler: Scheduler, out, quiet: bool) -> None:
@@ -174,13 +182,31 @@ def _run_events(built: BuiltWorkflow, scheduler: Scheduler, out, quiet: bool, in
     numerical libraries' threads limited (:mod:`recorun.framework.native_threads`); the error
     that stopped it."""
     process = built.config.process
+    drain = []
 
     def stop(signum):
         status = scheduler.status
+        limit = process.drain_timeout_s
+        within = f" within {limit:g} s" if limit else ""
         out.write(f"\nrecorun: {signal.Signals(signum).name}: finishing the "
-                  f"{status.read - status.done} events in flight (interrupt again to abort)\n")
+                  f"{status.read - status.done} events in flight{within} (interrupt again to "
+                  f"abort)\n")
         out.flush()
         scheduler.stop("interrupted", JobInterrupted(signum))
+        if limit and not drain:
+            timer = threading.Timer(limit, abandon, args=(limit,))
+            timer.daemon = True
+            timer.start()
+            drain.append(timer)
+
+    def abandon(limit):
+        status = scheduler.status
+        if scheduler.finished.is_set():
+            return
+        out.write(f"\nrecorun: events in flight not finished {limit:g} s after the signal "
+                  f"(process.drain_timeout_s): abandoning them\n")
+        out.flush()
+        scheduler.abandon()
 
     monitor = Monitor(scheduler.status, total=built.source.total_events(),
                       report_every_s=process.report_every_s,
@@ -194,6 +220,8 @@ def _run_events(built: BuiltWorkflow, scheduler: Scheduler, out, quiet: bool, in
             scheduler.run()
     finally:
         monitor.stop()
+        for timer in drain:
+            timer.cancel()
     return scheduler.status.stop_error
 
 

@@ -77,6 +77,7 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "events": {"read": status.read, "accepted": status.accepted,
                    "rejected": status.rejected, "failed": status.failed},
         "failed_events": status.failures,
+        "abandoned_events": status.abandoned,
         "stop_reason": status.stop_reason,
         "not_processed": not_processed,
         "exit_code": exit_code,

@@ -203,6 +203,7 @@ class JobStatus:
     failures: list[dict] = field(default_factory=list)
     stop_reason: str | None = None        # None: source exhausted
     stop_error: BaseException | None = None
+    abandoned: list[dict] = field(default_factory=list)   # in flight when the drain timed out
     started: float = 0.0
     finished: float = 0.0
     cpu_started: float = 0.0           # the process's CPU time (every thread), seconds
@@ -276,6 +277,8 @@ class Scheduler:
         self._next_index = 0
         self._active_streams = self.streams
         self._in_flight = 0                   # events started and not finished
+        self._running: dict[int, EventRun] = {}   # the same, by index
+        self.abandoned = False                # see abandon()
         self._held: EventRun | None = None    # read, waiting for its luminosity block to begin
         self._run: Run | None = None
         self._lumi: LuminosityBlock | None = None
@@ -321,6 +324,20 @@ class Scheduler:
             raise RuntimeError("internal error in the scheduler:\n"
                                + self.pool.fatal_traceback) from self.pool.fatal
         return self.status
+
+    def abandon(self) -> None:
+        """End the run now, with events still in flight (a signal's drain timed out): they are
+        listed in ``status.abandoned``, no module is called for them any more, and the
+        luminosity block and run are not ended (their events are not all done)."""
+        with self.lock:
+            if self.finished.is_set():
+                return
+            self.abandoned = True
+            held = [self._held] if self._held is not None else []
+            self.status.abandoned = [{"index": r.event.index, "event": str(r.event.id)}
+                                     for r in sorted([*self._running.values(), *held],
+                                                     key=lambda r: r.event.index)]
+        self.finished.set()
 
     def stop(self, reason: str, error: BaseException | None = None) -> None:
         """Read no more events; those in flight are finished. The first reason wins."""
@@ -392,6 +409,7 @@ class Scheduler:
                 if not counted:
                     status.read += 1
                 self._in_flight += 1
+                self._running[run.event.index] = run
             else:
                 self._active_streams -= 1
                 last = self._active_streams == 0
@@ -526,6 +544,8 @@ class Scheduler:
 
     def _finish_event(self, run: EventRun) -> None:
         index = run.event.index
+        if self.abandoned:                   # too late: the job has ended without it
+            return
         for worker in self.ordered:          # outputs that did not write this event
             if (worker.copies[0].wants_skipped and run.error is None
                     and run.states[worker.index] is None):
@@ -556,6 +576,7 @@ class Scheduler:
                     if passed:
                         accepted[name] = accepted.get(name, 0) + 1
             self._in_flight -= 1
+            del self._running[index]
             held = None
             if self._held is not None and self._in_flight == 0:
                 held, self._held = self._held, None
@@ -788,6 +809,8 @@ class Scheduler:
 
     def _call(self, run, worker, path, method: str, fn, *extra):
         """Call one module method ``fn(event, *extra)``, timed; return True/False or FAILED."""
+        if self.abandoned:
+            return FAILED
         view = ModuleEvent(run.event, worker)
         stats = worker.stats[run.stream]
         calls = self._calls
@@ -826,6 +849,8 @@ class Scheduler:
         return True
 
     def _acquire(self, run, worker, state):
+        if self.abandoned:
+            return FAILED
         module = worker.instance(run.stream)
         stats = worker.stats[run.stream]
         holder = WaitingTaskHolder(partial(self._external_done, run, worker, state))

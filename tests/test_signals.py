@@ -216,3 +216,62 @@ def test_recorun_server_names_a_port_in_use(tmp_path):
     assert run.returncode == 2
     assert f"port in use on 127.0.0.1: --grpc-port {port}" in run.stderr
     assert "403" not in run.stderr and "READY" not in run.stdout
+
+
+NEVER_DONE = '''
+"""Fault injection: external work that never reports back for event 5 (a lost request)."""
+from pathlib import Path
+
+from recorun import Concurrency, ExternalWorkProducer, Param
+
+
+class LostRequest(ExternalWorkProducer):
+    concurrency = Concurrency.SHARED
+    marker = Param(str)
+
+    def acquire(self, event, holder):
+        if event.id.event == 5:
+            Path(self.marker).touch()             # the test's cue: the request is out
+            return                                # holder.done() never comes
+        holder.done(event.id.event)
+
+    def produce(self, event, number):
+        event.put(number)
+'''
+
+
+def test_events_that_never_finish_are_abandoned_after_the_drain_timeout(tmp_path):
+    """One SIGTERM while an event waits for external work that never ends: after
+    process.drain_timeout_s the job ends with a report that names the abandoned event, the
+    output is not given its final name, and the exit code is the signal's."""
+    (tmp_path / "lostmods.py").write_text(NEVER_DONE)
+    marker = tmp_path / "request-out"
+    workflow = tmp_path / "w.yaml"
+    workflow.write_text(json.dumps({
+        "process": {"threads": 2, "streams": 2, "drain_timeout_s": 2},
+        "source": {"type": "EmptySource", "count": 1000000},
+        "modules": {"lost": {"type": "lostmods:LostRequest", "marker": str(marker)},
+                    "output": {"type": "RootOutput", "file": str(tmp_path / "out.root"),
+                               "products": ["lost"]}},
+        "paths": {"p": ["lost"]}, "endpaths": {"out": ["output"]}}))
+    report = tmp_path / "report.json"
+    job = start([str(workflow), "--report-json", str(report)], tmp_path,
+                env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    deadline = time.time() + 60
+    while not marker.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), job.communicate(timeout=30)
+    time.sleep(0.5)
+    sent = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM, err
+    assert time.monotonic() - sent < 30
+    assert "abandoning them" in err
+    data = json.loads(report.read_text())
+    assert data["stop_reason"] == "interrupted"
+    assert {"index": 4, "event": "1:1:5"} in data["abandoned_events"]
+    assert "abandoned when the drain timed out" in data["not_processed"]
+    done = data["events"]["accepted"] + data["events"]["rejected"] + data["events"]["failed"]
+    assert done + len(data["abandoned_events"]) == data["events"]["read"]
+    assert not (tmp_path / "out.root").exists()        # the job did not complete
