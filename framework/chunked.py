@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import resource
 import socket
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -62,6 +64,8 @@ RESUBMISSION_DEFAULT = "recorun-failed-chunks.json"
 EVENT_KEYS = ("read", "accepted", "rejected", "failed")
 PATH_KEYS = ("visited", "passed", "rejected", "failed")
 PATH_MODULE_KEYS = ("visited", "passed", "rejected", "errors")
+
+log = logging.getLogger(__name__)
 
 
 # -- the plan -----------------------------------------------------------------------------------
@@ -188,6 +192,7 @@ class ChunkWorker:
         self.chunks = self.events = 0
         self.runs: dict[str, int] = {}
         self.finished: dict | None = None
+        self._drain: threading.Timer | None = None
         try:
             self.built = build_workflow(parse_workflow(task["workflow"], task["file"]))
         except RecorunError as exc:
@@ -206,9 +211,20 @@ class ChunkWorker:
         self.setup_s = time.time() - self.began
 
     def interrupt(self) -> None:
-        """Stop reading events: the chunk under way ends after the events in flight, and no
-        other chunk runs."""
+        """Stop reading events: the chunk under way ends after the events in flight (those
+        not done after ``process.drain_timeout_s`` are abandoned), and no other chunk runs."""
         self.scheduler.stop("interrupted")
+        limit = self.built.config.process.drain_timeout_s
+        if limit and self._drain is None:
+            self._drain = threading.Timer(limit, self._abandon, args=(limit,))
+            self._drain.daemon = True
+            self._drain.start()
+
+    def _abandon(self, limit: float) -> None:
+        if not self.scheduler.finished.is_set():
+            log.warning("recorun: worker %s: events in flight not finished %g s after the "
+                        "signal (process.drain_timeout_s): abandoning them", self.where, limit)
+            self.scheduler.abandon()
 
     def run(self, chunk: SourceChunk, attempt: str) -> dict:
         began = time.time()
@@ -446,6 +462,7 @@ def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
     report = copy.deepcopy(template)
     report["events"] = dict.fromkeys(EVENT_KEYS, 0)
     report["failed_events"] = []
+    report["abandoned_events"] = []
     lumis: list[dict] = []
     skipped = list(report["source"].get("skipped_files") or [])
     cpu = 0.0
@@ -460,6 +477,11 @@ def merge_reports(template: dict, states: list[ChunkState], *, wall_s: float,
             report["failed_events"].append({**failure, "index": chunk.first_index + local,
                                             "file": chunk.file,
                                             "entry": chunk.first_entry + local})
+        for lost in part.get("abandoned_events", []):
+            local = lost["index"]
+            report["abandoned_events"].append({**lost, "index": chunk.first_index + local,
+                                               "file": chunk.file,
+                                               "entry": chunk.first_entry + local})
         lumis += part.get("luminosity_blocks", [])
         for kind in ("paths", "endpaths"):
             for name, entry in part[kind].items():

@@ -38,7 +38,7 @@ from .chunked import (MAX_CHUNK, MIN_CHUNK, ChunkState, Resubmission, initial_st
                       merge_outputs, merge_reports, not_processed, output_targets, raw_workflow)
 from .errors import EXIT_CONFIG, EXIT_MODULE, EXIT_OK, RecorunError
 from .hooks import hook
-from .process import JobResult
+from .process import JobResult, abandoned_text
 from .reports import summarize
 from .scheduler import Scheduler
 from .signals import JobInterrupted, exit_code, job_signals
@@ -194,7 +194,8 @@ class _ChunkedRun:
             unplanned = (f"{'the job' if planned is None else f'all {planned}'} events were not "
                          f"processed: the job was stopped ({self.stopping}) during set-up")
         report.update(exit_code=self.exit_code, stop_reason=self.stopping,
-                      not_processed=not_processed(states) or unplanned)
+                      not_processed=abandoned_text(report["abandoned_events"],
+                                                   not_processed(states) or unplanned))
         if self.signals.first:
             report["signal"] = signal.Signals(self.signals.first).name
         report["chunked"] = {

@@ -144,23 +144,27 @@ def not_processed(scheduler: Scheduler, source) -> str | None:
     status = scheduler.status
     if status.stop_reason is None:
         return None
-    abandoned = ""
-    if status.abandoned:
-        indices = ", ".join(str(a["index"]) for a in status.abandoned)
-        abandoned = (f"{len(status.abandoned)} events in flight abandoned when the drain timed "
-                     f"out (event indices {indices})")
     try:
         total = source.total_events()
     except Exception:        # never opened: a service's begin_job failed before the source's
         total = None
     if total is not None:
         left = total - status.read
-        if left <= 0:
-            return abandoned or None
-        unread = f"{left} events not read (event indices {status.read} to {total - 1})"
+        unread = (f"{left} events not read (event indices {status.read} to {total - 1})"
+                  if left > 0 else None)
     else:
         unread = f"the source's events from index {status.read} on were not read"
-    return f"{abandoned}; {unread}" if abandoned else unread
+    return abandoned_text(status.abandoned, unread)
+
+
+def abandoned_text(abandoned: list[dict], rest: str | None) -> str | None:
+    """``not_processed`` with the events abandoned after a signal's drain first."""
+    if not abandoned:
+        return rest
+    indices = ", ".join(str(a["index"]) for a in abandoned)
+    text = (f"{len(abandoned)} events in flight abandoned when the drain timed out (event "
+            f"indices {indices})")
+    return f"{text}; {rest}" if rest else text
 
 
 def _wait_until(start_at: float, scheduler: Scheduler, out, quiet: bool) -> None:
