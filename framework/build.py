@@ -126,8 +126,8 @@ def conditions_service(services: dict):
 
 
 def _check_records(config: WorkflowConfig, services: dict, modules: dict) -> None:
-    """Every conditions record a module declares (Record parameters) must be provided by the
-    workflow's one ConditionsService: configuration errors before the first event."""
+    """A module that declares conditions records (Record parameters) needs the workflow's one
+    ConditionsService (whose ``check_workflow`` checks that it provides them)."""
     from .conditions import ConditionsService
     labels = [label for label, s in services.items() if isinstance(s, ConditionsService)]
     if len(labels) > 1:
@@ -136,18 +136,12 @@ def _check_records(config: WorkflowConfig, services: dict, modules: dict) -> Non
                           file=config.file)
     records = {label: m.consumed_records() for label, m in modules.items()}
     records = {label: names for label, names in records.items() if names}
-    if not records:
-        return
-    if not labels:
+    if records and not labels:
         label, names = next(iter(records.items()))
         raise ConfigError(f"reads conditions record '{names[0]}', but the workflow has no "
                           f"ConditionsService (services: {{conditions: {{type: "
                           f"ConditionsService, files: [conditions.yaml]}}}})", file=config.file,
                           label=label)
-    try:
-        services[labels[0]].check(records)
-    except ConfigError as exc:
-        raise _placed(exc, config, labels[0], "service") from None
 
 
 def _check_workflow(config: WorkflowConfig, services: dict, modules: dict) -> None:

@@ -546,6 +546,12 @@ class ConditionsService(Service):
         return (f"the ConditionsService does not provide{hint} (its records: "
                 f"{', '.join(known) or 'none'}; files: {', '.join(self.files) or 'none'})")
 
+    def check_workflow(self, workflow, modules: dict) -> None:
+        """Before the first event: every record the modules declare is provided
+        (:meth:`check`)."""
+        self.check({label: names for label, m in modules.items()
+                    if (names := m.consumed_records())})
+
     def check(self, records: dict[str, list[str]]) -> None:
         """``{module label: [record names it declares]}``: raise ConfigError naming the module
         and the record for one this service cannot provide. The records are remembered:

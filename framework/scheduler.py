@@ -13,7 +13,7 @@ Runs and luminosity blocks
 --------------------------
 One luminosity block at a time (docs/TRANSITIONS.md). The stream that reads the first event of
 another block keeps the source and holds the event (``_held``) until no event is in flight
-(``_in_flight``); the last event to finish resumes it: the old block (and run) end, the new
+(``_running``); the last event to finish resumes it: the old block (and run) end, the new
 ones begin (``_transition``: every service, then every module instance), the event starts and
 the source goes to the next stream in line. Transition hooks therefore never run beside an
 event. The last stream to find the source empty ends the open block and run.
@@ -276,8 +276,7 @@ class Scheduler:
         self._waiting: deque[int] = deque()   # streams in line for the source
         self._next_index = 0
         self._active_streams = self.streams
-        self._in_flight = 0                   # events started and not finished
-        self._running: dict[int, EventRun] = {}   # the same, by index
+        self._running: dict[int, EventRun] = {}   # events started and not finished, by index
         self.abandoned = False                # see abandon()
         self._held: EventRun | None = None    # read, waiting for its luminosity block to begin
         self._run: Run | None = None
@@ -390,7 +389,7 @@ class Scheduler:
                 else:                    # a new luminosity block: once nothing is in flight
                     with self.lock:
                         status.read += 1
-                        held = self._in_flight > 0
+                        held = bool(self._running)
                         if held:         # the last event in flight resumes it, source held
                             self._held = run
                     if not held:
@@ -408,7 +407,6 @@ class Scheduler:
             if run is not None:
                 if not counted:
                     status.read += 1
-                self._in_flight += 1
                 self._running[run.event.index] = run
             else:
                 self._active_streams -= 1
@@ -575,10 +573,9 @@ class Scheduler:
                 for name, passed in trigger.items():
                     if passed:
                         accepted[name] = accepted.get(name, 0) + 1
-            self._in_flight -= 1
             del self._running[index]
             held = None
-            if self._held is not None and self._in_flight == 0:
+            if self._held is not None and not self._running:
                 held, self._held = self._held, None
             reading = self._reading
             if reading:
