@@ -24,7 +24,7 @@ from .errors import EXIT_CONFIG, EXIT_OK, ConfigError, RecorunError
 from .executors import BUILTIN, JobRequest
 from .extras import installed
 from .hooks import hook, merged, plugin_manager, text_reports
-from .registry import GROUPS, PluginNotFound, available, load
+from .registry import GROUPS, PluginNotFound, available, load, registered_twice
 from .reports import resources_json, time_report, trig_report, write_json
 from .signals import JobInterrupted, job_signals
 from .signals import exit_code as signal_exit_code
@@ -142,7 +142,8 @@ def chunked_options_problem(args, processes: int) -> str | None:
 
 def _list_types(executors: dict) -> None:
     for kind in GROUPS:
-        names = available(kind)
+        twice = set(registered_twice(kind))
+        names = [f"{n} (registered twice!)" if n in twice else n for n in available(kind)]
         print(f"{kind} types ({GROUPS[kind]}): {', '.join(names) or 'none'}")
     print(f"executors: {', '.join(sorted(executors))}")
     plugins = [name.partition(":")[0] for name, _ in plugin_manager().list_name_plugin()]

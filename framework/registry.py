@@ -47,6 +47,11 @@ def available(kind: str) -> list[str]:
     return sorted(_entry_points(GROUPS[kind]))
 
 
+def registered_twice(kind: str) -> list[str]:
+    """Names of one kind registered by more than one package (a workflow cannot use them)."""
+    return sorted(name for name, eps in _registrations(GROUPS[kind]).items() if len(eps) > 1)
+
+
 def load(kind: str, name: str):
     """Return the class registered as ``name``, or named by ``package.module:Class``."""
     if ":" in name:

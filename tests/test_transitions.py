@@ -390,3 +390,6 @@ def test_a_type_name_registered_twice_is_an_error_naming_both(tmp_path, second):
     assert "cuts_one:MinimumFilter" in done.stderr
     other = "cuts_two:MinimumFilter" if second else "recorun.modules.filters:MinimumFilter"
     assert other in done.stderr
+    listed = subprocess.run([*RECORUN, "--list"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=120)
+    assert f"{name} (registered twice!)" in listed.stdout
