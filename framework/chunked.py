@@ -329,7 +329,7 @@ class ChunkState:
     def line(self) -> str:
         c = self.chunk
         where = (f"{Path(c.file).name} entries {c.first_entry}-{c.stop_entry - 1}" if c.file
-                 else f"events {c.first_index}-{c.first_index + c.size - 1}")
+                 else f"event indices {c.first_index}-{c.first_index + c.size - 1}")
         return f"chunk {c.id} ({where})"
 
 
@@ -543,10 +543,10 @@ def not_processed(states: list[ChunkState]) -> str | None:
         if s.status == "done" or done >= c.size:
             continue
         first = c.first_index + done
-        where = (f"{c.file} entries {c.first_entry + done} to {c.stop_entry - 1}" if c.file
-                 else f"events {first} to {c.first_index + c.size - 1}")
+        where = (f"{c.file} entries {c.first_entry + done} to {c.stop_entry - 1}, " if c.file
+                 else "")
         why = s.error or ("not run: the job stopped first" if s.status == "todo" else s.status)
-        pieces.append(f"chunk {c.id} ({c.size - done} events: {where}, job event indices "
+        pieces.append(f"chunk {c.id} ({c.size - done} events: {where}job event indices "
                       f"{first} to {c.first_index + c.size - 1}): {why}")
         events += c.size - done
     if not pieces:

@@ -355,8 +355,9 @@ def _main(argv: list[str] | None) -> int:
         for failure in failures:
             where = ("external work" if failure["method"] == "external"
                      else f"{failure['method']}()")
-            err.write(f"recorun: failed event {failure['event']}: module '{failure['label']}' "
-                      f"{where}: {failure['error']}\n")
+            when = f" {failure['context']}" if failure.get("context") else ""
+            err.write(f"recorun: failed event {failure['event']}: {failure.get('what', 'module')} "
+                      f"'{failure['label']}' {where}{when}: {failure['error']}\n")
     elif failures:
         err.write(f"recorun: {len(failures)} failed events (-v lists them, and "
                   f"--report-json keeps them)\n")

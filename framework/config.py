@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -267,7 +268,11 @@ def expand_workflow_dir(value: Any, directory: str) -> Any:
     """``${WORKFLOW_DIR}`` in any string stands for the folder of the workflow file, so that a
     workflow can name files shipped beside it whatever the working directory."""
     if isinstance(value, str):
-        return value.replace(WORKFLOW_DIR, directory)
+        if WORKFLOW_DIR not in value:
+            return value
+        expanded = value.replace(WORKFLOW_DIR, directory)
+        # a path (${WORKFLOW_DIR}/../data/x.root): without the "..", as the user reads it
+        return os.path.normpath(expanded) if value.startswith(WORKFLOW_DIR) else expanded
     if isinstance(value, list):
         return [expand_workflow_dir(v, directory) for v in value]
     if isinstance(value, dict):

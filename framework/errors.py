@@ -62,6 +62,7 @@ class ModuleError(RecorunError):
             self.exit_code = EXIT_CONFIG
         self.event_id, self.stream, self.path = event_id, stream, path
         self.module_type, self.label, self.method = module_type, label, method
+        self.what, self.context = what, context
         if context is None:
             on_path = f", path '{path}'" if path else ""
             context = f"on event {event_id} (stream {stream}{on_path})"
@@ -73,6 +74,9 @@ class ModuleError(RecorunError):
         return "its external work" if self.method == "external" else f"{self.method}()"
 
     def to_dict(self) -> dict:
-        return {"event": str(self.event_id), "stream": self.stream, "path": self.path,
-                "module_type": self.module_type, "label": self.label, "method": self.method,
-                "error": f"{type(self.cause).__name__}: {self.cause}"}
+        found = {"event": str(self.event_id), "stream": self.stream, "path": self.path,
+                 "module_type": self.module_type, "label": self.label, "method": self.method,
+                 "error": f"{type(self.cause).__name__}: {self.cause}"}
+        if self.context is not None:        # a run or lumi transition, not the event's own
+            found.update(stream=None, context=self.context, what=self.what)
+        return found

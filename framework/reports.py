@@ -79,6 +79,7 @@ def summarize(scheduler, *, workflow: str, exit_code: int, not_processed: str | 
         "failed_events": status.failures,
         "abandoned_events": status.abandoned,
         "stop_reason": status.stop_reason,
+        "stop_error": None if status.stop_error is None else str(status.stop_error),
         "not_processed": not_processed,
         "exit_code": exit_code,
         "source": scheduler.source.summary(),
@@ -182,8 +183,10 @@ def thread_advice(report: dict) -> list[str]:
     threads, efficiency = report.get("threads", 1), report.get("cpu_efficiency")
     if threads < 2 or efficiency is None or efficiency >= LOW_EFFICIENCY:
         return []
-    if report.get("wall_s", 0.0) < SHORT_JOB_S:
-        return []                    # set-up and the first events' latency weigh too much
+    if report.get("wall_s", 0.0) < SHORT_JOB_S or report.get("stop_reason") == "interrupted":
+        return []                    # too little, or cut short, to judge by
+    if report.get("processes", 1) > 1:
+        return []                    # processes already
     waiting = sum(m.get("external_ms_mean", 0.0) * m.get("runs", 0)
                   for m in report["modules"].values()) / 1000.0
     if waiting > 0.5 * report.get("wall_s", 0.0) * threads:

@@ -432,7 +432,7 @@ class Scheduler:
         """Nothing in flight: end the luminosity block (and run) before ``run``'s event, begin
         its own. A hook's failure fails the event and stops the job."""
         eid = run.event.id
-        error = self._end_lumi(eid.run)
+        error = self._end_lumi(eid.run, eid)
         conditions = None
         before = f"at the beginning of lumi {eid.run}:{eid.lumi}, before event {eid}"
         if error is None and self.conditions is not None:
@@ -454,17 +454,20 @@ class Scheduler:
         if error is not None:
             run.error = error
 
-    def _end_lumi(self, next_run: int | None):
+    def _end_lumi(self, next_run: int | None, waiting="(none)"):
         """End the current luminosity block, and its run unless the next one (``next_run``) is
-        the same; the first hook error, or None."""
+        the same; the first hook error, or None. ``waiting``: the ID of the event that waits
+        for the next block (it fails with the error)."""
         error = None
         lumi, self._lumi = self._lumi, None
         if lumi is not None:
             error = self._transition("end_luminosity_block", lumi,
-                                     f"at the end of lumi {lumi.run}:{lumi.luminosity_block}")
+                                     f"at the end of lumi {lumi.run}:{lumi.luminosity_block}",
+                                     waiting)
         if self._run is not None and self._run.run != next_run:
             run, self._run = self._run, None
-            error = self._transition("end_run", run, f"at the end of run {run.run}") or error
+            error = self._transition("end_run", run, f"at the end of run {run.run}",
+                                     waiting) or error
         return error
 
     def _transition(self, hook: str, what, where: str, event_id="(none)"):

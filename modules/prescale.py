@@ -222,12 +222,14 @@ class PrescaleService(Service):
                 log.warning("recorun: warning: %s: prescale table %s has a row for '%s', "
                             "which is no trigger path of the workflow%s", workflow.file,
                             self.table, row, hint)
+        rows = list(self.prescale_table.prescales)
         for label, module in modules.items():
-            if isinstance(module, HLTPrescaler) and \
-                    module.trigger_path not in self.prescale_table.prescales:
+            if isinstance(module, HLTPrescaler) and module.trigger_path not in rows:
+                near = difflib.get_close_matches(module.trigger_path, rows, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
                 log.warning("recorun: warning: %s: module '%s' (HLTPrescaler): path '%s' is "
-                            "not in the prescale table %s: prescale 1 in every column",
-                            workflow.file, label, module.trigger_path, self.table)
+                            "not in the prescale table %s%s: prescale 1 in every column",
+                            workflow.file, label, module.trigger_path, self.table, hint)
 
     @staticmethod
     def path_of(prescaler: "HLTPrescaler", workflow) -> str:

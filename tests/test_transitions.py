@@ -393,3 +393,33 @@ def test_a_type_name_registered_twice_is_an_error_naming_both(tmp_path, second):
     listed = subprocess.run([*RECORUN, "--list"], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=120)
     assert f"{name} (registered twice!)" in listed.stdout
+
+
+class FailingLumiEnd(Analyzer):
+    """Fails at the end of lumi ``lumi`` (injected fault)."""
+
+    concurrency = Concurrency.SHARED
+    lumi = Param(int, 2)
+
+    def end_luminosity_block(self, lumi):
+        if (lumi.run, lumi.luminosity_block) == (1, self.lumi):
+            raise RuntimeError(f"injected failure at the end of lumi {self.lumi}")
+
+    def analyze(self, event):
+        pass
+
+
+def test_a_failing_end_of_lumi_fails_the_event_waiting_for_the_next_one():
+    result = run_workflow(workflow({"bad": {"type": FailingLumiEnd, "lumi": 2}},
+                                   {"p": ["bad"]}, source={**TWO_RUNS, "count": 30}))
+    report = result.report
+    assert result.exit_code == EXIT_MODULE
+    failure = report["failed_events"][0]
+    assert (failure["index"], failure["event"], failure["method"]) == (
+        20, "1:3:21", "end_luminosity_block")
+    assert failure["context"] == "at the end of lumi 1:2" and failure["stream"] is None
+    # the last lumi's end: no event waits for it, the report's stop_error names it
+    result = run_workflow(workflow({"bad": {"type": FailingLumiEnd, "lumi": 3}},
+                                   {"p": ["bad"]}, source={**TWO_RUNS, "count": 30}))
+    assert result.exit_code == EXIT_MODULE and result.report["failed_events"] == []
+    assert "end_luminosity_block() at the end of lumi 1:3" in result.report["stop_error"]
