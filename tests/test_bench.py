@@ -1,5 +1,6 @@
-"""``recorun-bench``: a tiny clients scan and the HLT comparison against the session's Triton
-server, the projection against the paper's section 6, and bad arguments."""
+"""``recorun-bench``: a tiny clients scan, the HLT comparison and a short open-loop load
+against the session's Triton server, the projection against the paper's section 6, and bad
+arguments."""
 from __future__ import annotations
 
 import json
@@ -91,6 +92,48 @@ def test_bad_arguments_exit_2(tmp_path):
     assert run.returncode == 2 and "positive" in run.stderr
     run = bench("batching", "--configs", "on-9", "--out", str(tmp_path))
     assert run.returncode == 2 and "on-9" in run.stderr
+
+
+def test_load_open_loop_against_the_server(triton_server, tmp_path):
+    run = bench("load", "--model", "facile", "--rate", "20,40", "--duration", "2",
+                "--server", triton_server.grpc, "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = last_json(run.stdout)
+    assert summary["study"] == "load" and summary["model"] == "facile"
+    data = json.loads(Path(summary["json"]).read_text())
+    assert [p["offered_hz"] for p in data["points"]] == [20.0, 40.0]
+    assert summary["points"] == [{k: p[k] for k in summary["points"][0]}
+                                 for p in data["points"]]
+    for point in data["points"]:
+        assert point["errors"] == 0 and point["dropped"] == 0
+        assert point["answered"] > 0 and point["sent"] == point["scheduled"]
+        assert point["answered"] + point["lagging"] == point["sent"]
+        # Poisson arrivals over 2 s: the rate sent is near the offered one
+        assert 0.4 * point["offered_hz"] <= point["sent_hz"] <= 1.6 * point["offered_hz"]
+        assert 0.4 * point["offered_hz"] <= point["achieved_hz"] <= 1.6 * point["offered_hz"]
+        assert 0 < point["latency_ms_p50"] <= point["latency_ms_p90"] <= point["latency_ms_p99"]
+        assert point["latency_ms_p99"] <= point["latency_ms_max"]
+        assert point["latency_ms_mean"] > 0
+    # FACILE's HLT requests: one event's 4500 channels x 15 float32
+    assert data["batch_sizes"][0] == 4500
+    assert data["request_bytes_mean"] == pytest.approx(4500 * 15 * 4)
+    assert len(data["plots"]) == 1
+    assert_png(data["plots"][0])
+
+
+def test_load_bad_arguments_exit_2(triton_server, tmp_path):
+    run = bench("load", "--model", "facile", "--rate", "10,0", "--server", triton_server.grpc,
+                "--out", str(tmp_path))
+    assert run.returncode == 2 and "> 0" in run.stderr
+    run = bench("load", "--model", "nosuchnet", "--rate", "10", "--out", str(tmp_path))
+    assert run.returncode == 2 and "nosuchnet" in run.stderr
+    run = bench("load", "--model", "facile", "--rate", "10", "--server", "127.0.0.1:1",
+                "--out", str(tmp_path))
+    assert run.returncode == 2 and "127.0.0.1:1" in run.stderr
+    run = bench("load", "--model", "facile", "--rate", "10", "--sample", "nope.root",
+                "--server", triton_server.grpc, "--out", str(tmp_path))
+    assert run.returncode == 2 and "nope.root" in run.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_intra_event_benchmark_smoke(capsys):

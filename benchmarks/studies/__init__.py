@@ -8,7 +8,9 @@
 * ``hlt``: per-event time of ``workflow_hlt.yaml`` (FACILE as a service) against
   ``workflow_hlt_nominal.yaml`` (MAHI-like fit on the CPU) at the same thread count;
 * ``projection``: the scaling calculator fed with per-GPU throughputs and measured request
-  sizes (paper section 6).
+  sizes (paper section 6);
+* ``load``: open-loop load on one model (requests at fixed rates whatever the server answers,
+  as Triton's perf_analyzer): latency percentiles and achieved throughput against offered rate.
 
 Each writes ``<study>.json`` and PNG plots into ``--out`` (default ``results/``). Modules:
 :mod:`.runs` (servers and client processes), :mod:`.plots` (matplotlib), :mod:`.cli`.

@@ -13,7 +13,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from . import plots
+from . import load, plots
 from .runs import (
     BadArgument,
     StudyError,
@@ -294,11 +294,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--clients-json", action="append", default=[],
                    help="a clients study's JSON: its measured bytes per event")
     g.add_argument("--out", type=Path, default=Path("results"))
+
+    load.add_parser(sub)
     return p
 
 
 STUDIES = {"clients": study_clients, "batching": study_batching, "hlt": study_hlt,
-           "projection": study_projection}
+           "projection": study_projection, "load": load.study_load}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,43 @@ def event_time_violins(groups: Mapping[str, Sequence[float]], path: Path, *, tit
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def latency_vs_rate(points: Sequence[dict], path: Path, *, title: str) -> Path:
+    """An open-loop load scan: latency percentiles (p50, p90, p99, mean) and achieved
+    throughput against the offered request rate; rates where the server did not keep up are
+    marked."""
+    plt = _pyplot()
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rates = [p["offered_hz"] for p in points]
+    for key, label, style in (("latency_ms_p50", "p50", "o-"), ("latency_ms_p90", "p90", "s-"),
+                              ("latency_ms_p99", "p99", "^-"),
+                              ("latency_ms_mean", "mean", "x--")):
+        lat.plot(rates, [p[key] for p in points], style, label=label)
+    thr.plot(rates, [p["achieved_hz"] for p in points], "o-", label="achieved (answers/s)")
+    thr.plot(rates, rates, color="gray", ls="--", label="offered (ideal)")
+    missed = [p for p in points if not p["kept_up"]]
+    if missed:
+        lat.plot([p["offered_hz"] for p in missed], [p["latency_ms_p99"] for p in missed],
+                 "o", mfc="none", mec="red", ms=12, label="did not keep up")
+        thr.plot([p["offered_hz"] for p in missed], [p["achieved_hz"] for p in missed],
+                 "o", mfc="none", mec="red", ms=12, label="did not keep up")
+    for ax in (lat, thr):
+        if rates and max(rates) >= 4 * min(rates):
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(rates, [f"{r:g}" for r in rates])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if points and max(p["latency_ms_p99"] for p in points) > 20 * max(
+            1e-3, min(p["latency_ms_p50"] for p in points)):
+        lat.set_yscale("log")
+    else:
+        lat.set_ylim(bottom=0)
+    thr.set_ylim(bottom=0)
+    lat.set(xlabel="offered rate (requests / s)", ylabel="latency, send to answer (ms)",
+            title=title)
+    thr.set(xlabel="offered rate (requests / s)", ylabel="requests / s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
