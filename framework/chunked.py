@@ -216,15 +216,8 @@ class ChunkWorker:
         self.scheduler.stop("interrupted")
         limit = self.built.config.process.drain_timeout_s
         if limit and self._drain is None:
-            self._drain = threading.Timer(limit, self._abandon, args=(limit,))
-            self._drain.daemon = True
-            self._drain.start()
-
-    def _abandon(self, limit: float) -> None:
-        if not self.scheduler.finished.is_set():
-            log.warning("recorun: worker %s: events in flight not finished %g s after the "
-                        "signal (process.drain_timeout_s): abandoning them", self.where, limit)
-            self.scheduler.abandon()
+            self._drain = self.scheduler.abandon_after(
+                limit, lambda text: log.warning("recorun: worker %s: %s", self.where, text))
 
     def run(self, chunk: SourceChunk, attempt: str) -> dict:
         began = time.time()

@@ -10,7 +10,6 @@ import copy
 import logging
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -198,19 +197,11 @@ def _run_events(built: BuiltWorkflow, scheduler: Scheduler, out, quiet: bool, in
         out.flush()
         scheduler.stop("interrupted", JobInterrupted(signum))
         if limit and not drain:
-            timer = threading.Timer(limit, abandon, args=(limit,))
-            timer.daemon = True
-            timer.start()
-            drain.append(timer)
+            drain.append(scheduler.abandon_after(limit, say))
 
-    def abandon(limit):
-        status = scheduler.status
-        if scheduler.finished.is_set():
-            return
-        out.write(f"\nrecorun: events in flight not finished {limit:g} s after the signal "
-                  f"(process.drain_timeout_s): abandoning them\n")
+    def say(text):
+        out.write(f"\nrecorun: {text}\n")
         out.flush()
-        scheduler.abandon()
 
     monitor = Monitor(scheduler.status, total=built.source.total_events(),
                       report_every_s=process.report_every_s,

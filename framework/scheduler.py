@@ -338,6 +338,20 @@ class Scheduler:
                                                      key=lambda r: r.event.index)]
         self.finished.set()
 
+    def abandon_after(self, limit: float, say) -> threading.Timer:
+        """A started timer (cancel it when the run ends): the events still in flight after
+        ``limit`` seconds are abandoned (:meth:`abandon`), ``say(text)`` told first."""
+        def expire():
+            if not self.finished.is_set():
+                say(f"events in flight not finished {limit:g} s after the signal "
+                    f"(process.drain_timeout_s): abandoning them")
+                self.abandon()
+
+        timer = threading.Timer(limit, expire)
+        timer.daemon = True
+        timer.start()
+        return timer
+
     def stop(self, reason: str, error: BaseException | None = None) -> None:
         """Read no more events; those in flight are finished. The first reason wins."""
         with self.lock:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from recorun import (Analyzer, Concurrency, ExternalWorkProducer, Filter, InputTag,
+from recorun import (Analyzer, Concurrency, ExternalWorkProducer, Filter,
                      InputTagList, Param, Producer, run_workflow)
 
 REPO = Path(__file__).resolve().parents[1]
