@@ -6,13 +6,21 @@ continuation of itself with :meth:`ThreadPool.soon` keeps the first one on the s
 (no queue round trip, no recursion); further ones go to the shared queue where any idle
 worker takes them, as do those given to :meth:`ThreadPool.share`. No task ever blocks a worker
 waiting for another task.
+
+:meth:`ThreadPool.when_idle` (through :func:`call_when_idle` from a task) runs a function once
+every pool thread has run out of work: nothing is queued and no task runs, so every event in
+flight waits on something outside the pool (a server's answer, a batch being gathered). The
+SONIC producers' event batching sends its batch then rather than wait for more events.
 """
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import traceback
 from collections import deque
+
+LOG = logging.getLogger("recorun.framework")
 
 _local = threading.local()
 #: how long the end of a run waits for each pool thread to stop
@@ -27,6 +35,15 @@ class ThreadPool:
         self._threads: list[threading.Thread] = []
         self.fatal: BaseException | None = None
         self.fatal_traceback = ""
+        self._idle_lock = threading.Lock()
+        self._idle = 0                    # threads waiting on the empty queue
+        self._when_idle: list = []
+
+    def when_idle(self, fn) -> None:
+        """Call ``fn()`` once, on a pool thread, when every pool thread is out of work (see
+        the module docstring). ``fn`` must be short and must not block."""
+        with self._idle_lock:
+            self._when_idle.append(fn)
 
     def soon(self, fn, *args) -> None:
         """Run ``fn(*args)`` on a pool thread, after the current task."""
@@ -46,6 +63,8 @@ class ThreadPool:
         pool can run again)."""
         self._stopping.clear()
         self._threads = []
+        with self._idle_lock:
+            self._when_idle = []
         for i in range(1, self.threads):
             t = threading.Thread(target=self._work, args=(finished,), name=f"recorun-{i}",
                                  daemon=True)
@@ -64,13 +83,17 @@ class ThreadPool:
     def _work(self, finished: threading.Event) -> None:
         inline: deque = deque()
         _local.inline = inline
+        _local.pool = self
         get = self._queue.get
         try:
             while not finished.is_set() and not self._stopping.is_set():
                 try:
-                    item = get(timeout=0.2)
+                    item = get(block=False)
                 except queue.Empty:
-                    continue
+                    try:
+                        item = self._wait_for_work()
+                    except queue.Empty:
+                        continue
                 if item is None:
                     break
                 while item is not None:
@@ -86,6 +109,36 @@ class ThreadPool:
                     item = inline.popleft() if inline else None
         finally:
             _local.inline = None
+            _local.pool = None
+
+    def _wait_for_work(self):
+        """The next task, after a blocking wait on the empty queue (``queue.Empty`` after
+        0.2 s); the last thread to run out of work first calls the ``when_idle`` functions."""
+        with self._idle_lock:
+            self._idle += 1
+            due = []
+            if self._when_idle and self._idle == self.threads and self._queue.empty():
+                due, self._when_idle = self._when_idle, []
+        try:
+            for fn in due:
+                try:
+                    fn()
+                except Exception:             # an idle function's bug must not stop the pool
+                    LOG.exception("a function run when the pool was idle raised")
+            return self._queue.get(timeout=0.2)
+        finally:
+            with self._idle_lock:
+                self._idle -= 1
+
+
+def call_when_idle(fn) -> bool:
+    """From a task of a pool: ``fn()`` once every thread of that pool is out of work (see
+    :meth:`ThreadPool.when_idle`). False, and nothing done, outside a pool's threads."""
+    pool = getattr(_local, "pool", None)
+    if pool is None:
+        return False
+    pool.when_idle(fn)
+    return True
 
 
 class SerialQueue:

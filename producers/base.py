@@ -26,9 +26,11 @@ Life cycle
   model that no server provides); then ``validate(self.input_shapes())``: a tensor name, shape
   or dtype that does not fit the model stops the job before its first event, with an error
   naming the producer, the model and the tensor.
-* ``post_begin_job``: the registry's fallback server, if a model needs it, is started and
-  waited for.
-* ``acquire``: ``pack(event)`` then ``client.infer(inputs, done)``; the packing time is part
+* ``post_begin_job``: the registry's fallback server, if a model needs it (started in the
+  background at ``begin_job``), is waited for.
+* ``acquire``: ``pack(event)`` then ``client.infer(inputs, done)`` (with ``batch_events`` > 1,
+  the producer's :class:`~recorun.sonic_clients.batching.EventBatcher` gathers the inputs of
+  several events into one ``infer`` call and splits the answer back); the packing time is part
   of acquire in the framework's report (the paper's S). ``done`` (on whichever thread the
   client calls it) hands the outputs to ``holder.done(outputs)``; an error is wrapped in
   :class:`SonicInferenceError` naming the event and the model (``holder.fail``).
@@ -55,9 +57,11 @@ import numpy as np
 
 from recorun import ConfigError, Concurrency, ExternalWorkProducer, Param, Record
 from recorun.framework.params import ParamError
-from recorun.sonic_clients import (ClientConfig, ClientConfigError, SonicError, make_client,
+from recorun.sonic_clients import (ClientConfig, ClientConfigError, SonicError,
                                    parse_duration)
-from recorun.sonic_clients.base import BACKENDS, BALANCES, CLIENTS, COMPRESSIONS, MODES
+from recorun.sonic_clients.base import (BACKENDS, BALANCES, CLIENTS, COMPRESSIONS, MODES,
+                                        TRANSPORTS)
+from recorun.sonic_clients.batching import EventBatcher
 
 
 class SonicInferenceError(RuntimeError):
@@ -101,6 +105,17 @@ class SonicProducer(ExternalWorkProducer):
     balance = Param(str, "", choices=("", *BALANCES),
                     doc="how requests spread over the servers that serve the model: first, "
                         "round_robin, least_outstanding; empty: the ServerRegistry's")
+    transport = Param(str, "grpc", choices=TRANSPORTS,
+                      doc="how a Triton client moves the tensors: grpc (in the messages), shm "
+                          "(Triton's system shared memory; a server that cannot use it gets "
+                          "gRPC, with a warning), auto (shm when every server of the model is "
+                          "on this host, else grpc)")
+    batch_events = Param(int, 1, doc="client-side event batching: at most this many events' "
+                         "inputs go in one request (1: one request per event); needs mode "
+                         "async or pseudo-async (docs/METRICS.md, 'Event batching')")
+    batch_wait = Param(str | float, "2 ms", doc="with batch_events > 1: how long the first "
+                       "event of a batch may wait for others; the batch goes out earlier when "
+                       "full or when the job's threads have nothing else to do")
     model_record = Record(None, optional=True,
                           doc="conditions record {model, version} read at each run's start: "
                               "when it differs from the current model and version the "
@@ -117,14 +132,29 @@ class SonicProducer(ExternalWorkProducer):
                 model=self.model, version=self.version, server=self.server, mode=self.mode,
                 timeout_s=self.timeout, tries=self.tries, compression=self.compression,
                 client=self.client, backend=self.backend, verbose=self.verbose,
-                balance=self.balance, backoff_s=self.backoff, outage_s=self.outage_budget)
+                balance=self.balance, backoff_s=self.backoff, outage_s=self.outage_budget,
+                transport=self.transport)
         except ClientConfigError as exc:
             text = str(exc)
-            name = next((p for p in ("tries", "version", "server", "verbose") if f": {p}:" in
-                         text), "timeout" if "timeout" in text else "backoff" if "backoff_s" in
-                        text else "outage_budget" if "outage_s" in text else "model")
+            name = next((p for p in ("tries", "version", "server", "verbose", "transport")
+                         if f": {p}:" in text),
+                        "timeout" if "timeout" in text else "backoff" if "backoff_s" in text
+                        else "outage_budget" if "outage_s" in text else "model")
             raise ParamError(name, text) from None
+        if self.batch_events < 1:
+            raise ParamError("batch_events", f"must be at least 1, not {self.batch_events}")
+        try:
+            self.batch_wait_s = parse_duration(self.batch_wait)
+        except ValueError as exc:
+            raise ParamError("batch_wait", str(exc)) from None
+        if self.batch_events > 1 and self.batch_wait_s <= 0:
+            raise ParamError("batch_wait", "must be positive when batch_events > 1")
+        if self.batch_events > 1 and self.mode == "sync":
+            raise ParamError("batch_events", "batching events needs mode async or "
+                             "pseudo-async (in sync mode acquire waits for its own answer, "
+                             "so no other event can join its request)")
         self.sonic = None                       # the SonicClient, from begin_job on
+        self.batcher: EventBatcher | None = None    # with batch_events > 1, from begin_job on
 
     def requirements(self) -> dict[str, str]:
         """In-process inference runs the model here; a model that no configured server
@@ -155,10 +185,17 @@ class SonicProducer(ExternalWorkProducer):
 
     # the framework's calls --------------------------------------------------------------------
     def begin_job(self) -> None:
+        from recorun.sonic_clients.registry import find_registry
+
         try:
-            self.sonic = make_client(self.client_config, self.services)
-            self.sonic.begin_job()               # idempotent: make_client begins it already
+            # a model that no server provides: the local fallback server starts now, in the
+            # background (its start overlaps the rest of the set-up); post_begin_job waits
+            self.sonic = find_registry(self.services).client_for(self.client_config,
+                                                                 start_fallback=True)
+            self.sonic.begin_job()               # idempotent: client_for begins it already
             self.sonic.validate(self.input_shapes())
+            if self.batch_events > 1:
+                self.batcher = EventBatcher(self.sonic, self.batch_events, self.batch_wait_s)
         except ClientConfigError as exc:
             self._give_back()
             raise ConfigError(f"SONIC producer '{self.label}' ({type(self).__name__}), "
@@ -168,10 +205,10 @@ class SonicProducer(ExternalWorkProducer):
             raise
 
     def post_begin_job(self) -> None:
-        """Start the local fallback server now if a model needs it (every producer has asked
-        for its client by now, so one server serves them all): its start-up then counts in
-        the job's set-up, not in the first event's time, and a server that cannot start stops
-        the job before its first event."""
+        """Wait for the local fallback server if a model needs it (started at begin_job, in
+        the background; every producer has asked for its client by now, so one server serves
+        them all): its start-up then counts in the job's set-up, not in the first event's
+        time, and a server that cannot start stops the job before its first event."""
         registry = getattr(self.sonic, "registry", None)
         if registry is None:
             return
@@ -218,7 +255,10 @@ class SonicProducer(ExternalWorkProducer):
             else:
                 holder.fail(SonicInferenceError(event_id, model, error))
 
-        self.sonic.infer(inputs, done)
+        if self.batcher is not None:
+            self.batcher.submit(inputs, done)
+        else:
+            self.sonic.infer(inputs, done)
 
     def produce(self, event, outputs=None) -> None:
         self.unpack(event, outputs)
@@ -227,12 +267,17 @@ class SonicProducer(ExternalWorkProducer):
         self._give_back()
 
     def _give_back(self) -> None:
+        batcher, self.batcher = self.batcher, None
         client, self.sonic = self.sonic, None
+        batching = {}
+        if batcher is not None:
+            batcher.close()                      # sends what it gathered
+            batching = {"batch_events": self.batch_events, **batcher.stats()}
         if client is not None:
             try:
                 client.end_job()                 # releases it to its registry
-            finally:
-                self._timing = client.timing()   # with the server's time, read at end_job
+            finally:                             # with the server's time, read at end_job
+                self._timing = {**client.timing(), **batching}
 
     #: client counters exported by :meth:`metrics` as ``recorun_sonic_<name>_total``
     METRIC_COUNTERS = ("calls", "requests", "retries", "failovers", "failures", "rows",

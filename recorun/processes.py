@@ -11,6 +11,11 @@ then SIGKILL to the group when it hangs or leaves a process behind. Nothing may 
   signal follows the *thread* that forked, so the child is started from a watcher thread that
   lives exactly as long as the child.
 
+recorun-server makes itself the reaper of its orphaned descendants (:func:`become_subreaper`)
+and, before it exits, waits for every one of them (:func:`reap_children`): the helpers that
+tritonserver's python backend starts (a tensor store, multiprocessing's resource trackers)
+outlive their parents for a moment, and would otherwise linger as init's zombies.
+
 Used by the local fallback server (:mod:`recorun.sonic_clients.fallback`), the nginx balancer
 (:mod:`recorun.server.balancer`) and recorun-server for the processes pytriton starts. It needs
 only the standard library, so the job side and the server side both import it.
@@ -63,14 +68,102 @@ def child_preexec(cpus: frozenset[int] | None = None) -> Callable[[], None] | No
 
 
 def group_alive(pgid: int) -> bool:
-    """Does any process of process group ``pgid`` still exist?"""
+    """Does any process of process group ``pgid`` still run? Zombies do not count: a process
+    that has exited but whose parent has not collected it yet (an orphan waits for init to
+    collect it, which can take a second or two) holds nothing but its PID."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:                             # pragma: no cover
         return True
-    return True
+    states = _group_states(pgid)
+    return states is None or any(state != "Z" for state in states)
+
+
+def _group_states(pgid: int) -> list[str] | None:
+    """The states (``R``, ``S``, ``Z``...) of the processes of group ``pgid``, from /proc;
+    None where there is no /proc."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:                                     # pragma: no cover
+        return None
+    states = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid):
+            states.append(fields[0])
+    return states
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _stop_resource_tracker() -> None:
+    """Stop multiprocessing's resource tracker of this process, if it started one."""
+    module = sys.modules.get("multiprocessing.resource_tracker")
+    tracker = getattr(module, "_resource_tracker", None)
+    if tracker is None or getattr(tracker, "_pid", None) is None or not hasattr(tracker, "_stop"):
+        return
+    try:
+        tracker._stop()
+    except Exception as exc:                            # pragma: no cover
+        LOG.debug("stopping multiprocessing's resource tracker: %s", exc)
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux): a process it started,
+    directly or not, whose parent exits becomes its child instead of init's, so that
+    :func:`reap_children` can wait for every one of them. False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except Exception:                                   # pragma: no cover
+        return False
+
+
+def reap_children(timeout_s: float = 10.0) -> list[int]:
+    """Wait until this process has no child left (with :func:`become_subreaper`: no descendant
+    left at all), collecting each as it exits; after ``timeout_s`` SIGKILL the ones left. Call
+    it last, when everything that started them has stopped (it collects any child, those of
+    ``subprocess`` included). This process's own multiprocessing resource tracker, which
+    would run until this process exits, is stopped first (it then removes the shared memory
+    still registered with it, as it would at exit). Returns the PIDs collected."""
+    _stop_resource_tracker()
+    reaped: list[int] = []
+    deadline = time.monotonic() + timeout_s
+    killed = False
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:                       # no children at all
+            return reaped
+        if pid:
+            reaped.append(pid)
+            continue
+        if killed and time.monotonic() > deadline + 5.0:       # pragma: no cover
+            return reaped                           # unkillable (in the kernel): give up
+        if time.monotonic() > deadline and not killed:
+            left = descendants(os.getpid())
+            LOG.warning("processes %s still run %.0f s after the stop: killing them", left,
+                        timeout_s)
+            for child in left:
+                try:
+                    os.kill(child, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            killed = True
+        time.sleep(0.01)
 
 
 def kill_group(process: subprocess.Popen | None) -> None:

@@ -17,8 +17,9 @@ torch's exporter and compiler write caches (``/tmp/torchinductor_<user>`` by def
 export here runs inside :func:`private_torch_caches`, which points them at a directory next to
 the ``.onnx`` file being written (``.torch-cache``) and removes it afterwards.
 
-This module needs torch, onnx, onnxscript and onnxruntime; it imports neither the framework nor
-pytriton nor tritonclient.
+This module needs torch, onnx, onnxscript and onnxruntime, each imported where it is used (what
+runs a cached export, :mod:`recorun.server.onnx_cache`, needs only onnxruntime); it imports
+neither the framework nor pytriton nor tritonclient.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from recorun.model_specs import SPECS, ModelSpec
 
@@ -98,11 +98,13 @@ def example_input(spec: ModelSpec, batch: int, seed: int = 0) -> np.ndarray:
     return rng.standard_normal((batch, *tensor.shape)).astype(tensor.dtype)
 
 
-def export_onnx(name: str, model: torch.nn.Module, path: str | os.PathLike, *,
+def export_onnx(name: str, model, path: str | os.PathLike, *,
                 opset: int | None = None) -> Path:
-    """Export ``model`` (the model ``name`` of :data:`SPECS`, in eval mode) to the single file
-    ``path``: tensor names from the spec, a dynamic batch axis named ``batch``, weights inside
-    the file. Returns the path."""
+    """Export ``model`` (the torch model ``name`` of :data:`SPECS`, in eval mode) to the single
+    file ``path``: tensor names from the spec, a dynamic batch axis named ``batch``, weights
+    inside the file. Returns the path."""
+    import torch
+
     spec = SPECS[name]
     if len(spec.inputs) != 1 or len(spec.outputs) != 1:
         raise ExportError(f"{name}: only models with one input and one output are exported")
@@ -147,10 +149,11 @@ def import_onnxruntime():
     return onnxruntime
 
 
-def onnx_session(path: str | os.PathLike, *, threads: int = 1, device: str = "cpu"):
-    """An onnxruntime session on ``path`` with ``threads`` intra-op threads that do not spin
-    (spinning threads would steal the CPU from the rest of a small machine between requests).
-    ``device="cuda"`` needs onnxruntime's CUDAExecutionProvider."""
+def onnx_session(model: str | os.PathLike | bytes, *, threads: int = 1, device: str = "cpu"):
+    """An onnxruntime session on ``model`` (a file, or the bytes of one) with ``threads``
+    intra-op threads that do not spin (spinning threads would steal the CPU from the rest of a
+    small machine between requests). ``device="cuda"`` needs onnxruntime's
+    CUDAExecutionProvider."""
     ort = import_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, int(threads))
@@ -164,32 +167,61 @@ def onnx_session(path: str | os.PathLike, *, threads: int = 1, device: str = "cp
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     else:
         providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), options, providers=providers)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=providers)
 
 
-def check_onnx(name: str, model: torch.nn.Module, path: str | os.PathLike, *, batch: int = 3,
-               seed: int = 1, rtol: float = CHECK_RTOL, atol: float = CHECK_ATOL) -> float:
-    """Run ``path`` with onnxruntime and ``model`` with torch on the same random batch; raise
-    :class:`ExportError` unless they agree (``allclose``). Returns the largest difference."""
-    import onnx
+#: the batch on which :func:`check_onnx` compares onnxruntime with torch (``example_input(spec,
+#: CHECK_BATCH, CHECK_SEED)``); the ONNX cache keeps torch's answer to it
+CHECK_BATCH, CHECK_SEED = 3, 1
 
+
+def torch_reference(name: str, model, *, batch: int = CHECK_BATCH,
+                    seed: int = CHECK_SEED) -> np.ndarray:
+    """torch's output of ``model`` on :func:`example_input` (``batch``, ``seed``)."""
+    import torch
+
+    x = example_input(SPECS[name], batch, seed)
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x)).numpy()
+
+
+def compare_session(name: str, session, want: np.ndarray, *, where: str,
+                    seed: int = CHECK_SEED, rtol: float = CHECK_RTOL,
+                    atol: float = CHECK_ATOL) -> float:
+    """Run ``session`` (onnxruntime) on the input batch that gave ``want`` (torch's answer to
+    :func:`example_input` of ``len(want)`` rows and ``seed``): raise :class:`ExportError`, naming
+    ``where``, unless its tensors are the spec's and it agrees with ``want`` (``allclose``).
+    Returns the largest difference."""
     spec = SPECS[name]
-    onnx.checker.check_model(str(path))
-    session = onnx_session(path)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     if inputs != [spec.inputs[0].name] or outputs != [spec.outputs[0].name]:
-        raise ExportError(f"{name}: {path} has inputs {inputs} and outputs {outputs}, expected "
-                          f"{[spec.inputs[0].name]} and {[spec.outputs[0].name]}")
-    x = example_input(spec, batch, seed)
-    got = session.run(None, {inputs[0]: x})[0]
-    with torch.no_grad():
-        want = model.eval()(torch.from_numpy(x)).numpy()
+        raise ExportError(f"{name}: {where} has inputs {inputs} and outputs {outputs}, "
+                          f"expected {[spec.inputs[0].name]} and {[spec.outputs[0].name]}")
+    batch = len(want)
+    got = session.run(None, {inputs[0]: example_input(spec, batch, seed)})[0]
     if got.shape != want.shape or not np.allclose(got, want, rtol=rtol, atol=atol):
         diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
-        raise ExportError(f"{name}: onnxruntime and torch disagree on a batch of {batch} "
-                          f"(max |diff| {diff:g}, shapes {got.shape} and {want.shape})")
+        raise ExportError(f"{name}: onnxruntime ({where}) and torch disagree on a batch of "
+                          f"{batch} (max |diff| {diff:g}, shapes {got.shape} and {want.shape})")
     return float(np.max(np.abs(got - want)))
+
+
+def check_onnx(name: str, model, path: str | os.PathLike, *, batch: int = CHECK_BATCH,
+               seed: int = CHECK_SEED, rtol: float = CHECK_RTOL, atol: float = CHECK_ATOL,
+               reference: np.ndarray | None = None) -> float:
+    """Check ``path`` with onnx's checker, then run it with onnxruntime and ``model`` with torch
+    on the same random batch; raise :class:`ExportError` unless they agree (``allclose``).
+    ``reference``: torch's answer already computed (:func:`torch_reference` with ``batch`` and
+    ``seed``). Returns the largest difference."""
+    import onnx
+
+    onnx.checker.check_model(str(path))
+    want = reference if reference is not None else torch_reference(name, model, batch=batch,
+                                                                   seed=seed)
+    return compare_session(name, onnx_session(path), want, where=str(path), seed=seed,
+                           rtol=rtol, atol=atol)
 
 
 # --- Triton model configuration (protobuf text format) ---------------------------------------

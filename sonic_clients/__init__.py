@@ -7,6 +7,10 @@ module                      what it holds
                             (``describe``/``validate``/``infer``/``timing``), errors, durations
 :mod:`.triton`              :class:`TritonClient` (tritonclient gRPC: async, sync, pseudo-async;
                             retries and failover) and :class:`Endpoint` (one server)
+:mod:`.shm`                 :class:`~.shm.ShmPool` (a Triton client's system shared-memory
+                            regions: ``transport: shm``)
+:mod:`.batching`            :class:`~.batching.EventBatcher` (several events' inputs in one
+                            request: ``batch_events``)
 :mod:`.inprocess`           :class:`InProcessClient` (onnxruntime or torch in this process)
 :mod:`.registry`            :class:`ServerRegistry` (the framework service that maps models to
                             servers) and :func:`default_registry`

@@ -65,6 +65,9 @@ BACKENDS = ("onnxruntime", "torch")
 #: how a Triton client spreads its requests over the servers that serve its model
 #: (:mod:`recorun.sonic_clients.triton`); ``""`` in a :class:`ClientConfig` means the registry's choice
 BALANCES = ("first", "round_robin", "least_outstanding")
+#: how a Triton client moves tensors (:mod:`recorun.sonic_clients.shm`): in the gRPC messages,
+#: through system shared memory, or shared memory when every server of the model is local
+TRANSPORTS = ("grpc", "shm", "auto")
 
 Done = Callable[[dict | None, BaseException | None], None]
 
@@ -167,7 +170,11 @@ class ClientConfig:
     :mod:`recorun.sonic_clients.triton`. ``backoff_s``: the first pause between two tries on one
     server (doubling, jittered, at most 2 s). ``outage_s``: the outage budget, how long a
     request waits for one of its servers to come back while every one is down (0: fail at
-    once).
+    once). ``transport`` (one of :data:`TRANSPORTS`): ``grpc`` sends the tensors in the gRPC
+    messages; ``shm`` through Triton's system shared memory (a server that cannot use it gets
+    gRPC, with a warning); ``auto``: ``shm`` when every server of the model is on this host
+    (127.0.0.1, localhost, ::1, or the local fallback server), else ``grpc``; see
+    :mod:`recorun.sonic_clients.shm`.
     """
 
     model: str
@@ -183,6 +190,7 @@ class ClientConfig:
     balance: str = ""
     backoff_s: float = 0.05
     outage_s: float = 30.0
+    transport: str = "grpc"
 
     def __post_init__(self):
         def bad(name, message):
@@ -201,7 +209,7 @@ class ClientConfig:
             raise bad("server", f"expected a server name, got {self.server!r}")
         for name, allowed in (("mode", MODES), ("compression", COMPRESSIONS),
                               ("client", CLIENTS), ("backend", BACKENDS),
-                              ("balance", ("", *BALANCES))):
+                              ("balance", ("", *BALANCES)), ("transport", TRANSPORTS)):
             value = getattr(self, name)
             if value not in allowed:
                 near = difflib.get_close_matches(str(value), allowed, n=1)
@@ -566,38 +574,70 @@ class SonicClient:
                                     f"{expected})")
 
     # inference -----------------------------------------------------------------------------
-    def infer(self, inputs: Mapping[str, np.ndarray], done: Done) -> None:
-        """Run the model on ``inputs`` (batch first); ``done(outputs, error)`` once, from any
-        thread. Returns at once in async and pseudo-async modes; in sync mode calls ``done``
-        before returning. Inputs that do not fit the model raise :class:`ClientConfigError`."""
-        if self._ended:
-            raise SonicError(f"model '{self.config.model}': infer() after end_job()")
+    def check_inputs(self, inputs: Mapping[str, Any]) -> tuple[dict, int]:
+        """``(inputs, rows)``: the inputs as ``infer`` takes them (arrays, or lists of entries
+        for ragged inputs) and their rows (entries); raises :class:`ClientConfigError`, naming
+        the model and the tensor (and the entry), when they do not fit the model."""
+        model = f"model '{self.config.model}' ({self._where()})"
         if any(isinstance(v, (list, tuple)) for v in inputs.values()):
-            self._infer_ragged(inputs, done)
-            return
-        desc = self.description
+            entries = {}
+            for name, value in inputs.items():
+                if not isinstance(value, (list, tuple)):
+                    raise ClientConfigError(f"{model}: input '{name}' is one array while other "
+                                            "inputs are lists of entries; give every input as "
+                                            "a list of entries, or every input as one array")
+                entries[name] = [np.asarray(v) for v in value]
+            counts = {n: len(v) for n, v in entries.items()}
+            if len(set(counts.values())) > 1:
+                raise ClientConfigError(f"{model}: inputs have different numbers of entries "
+                                        f"{counts}")
+            seen = set()
+            for i in range(next(iter(counts.values()), 0)):
+                shapes = tuple((entries[n][i].shape, entries[n][i].dtype) for n in entries)
+                if shapes not in seen:
+                    seen.add(shapes)
+                    try:
+                        self._check_tensors({n: (entries[n][i].shape, entries[n][i].dtype)
+                                             for n in entries})
+                    except ClientConfigError as exc:
+                        raise ClientConfigError(f"{exc} [entry {i}]") from None
+            return entries, next(iter(counts.values()), 0)
         arrays = {}
         for name, value in inputs.items():
             if not isinstance(value, np.ndarray):
                 value = np.asarray(value)
             if value.ndim == 0:
-                raise ClientConfigError(f"model '{self.config.model}' ({self._where()}): input "
-                                        f"'{name}' has no batch axis (a scalar)")
+                raise ClientConfigError(f"{model}: input '{name}' has no batch axis (a scalar)")
             arrays[name] = value
         self._check_tensors({n: (a.shape[1:], a.dtype) for n, a in arrays.items()})
         batches = {n: a.shape[0] for n, a in arrays.items()}
         if len(set(batches.values())) > 1:
             raise ClientConfigError(f"model '{self.config.model}': inputs have different batch "
                                     f"sizes {batches}")
-        rows = next(iter(batches.values()), 0)
-        self.stats.add(calls=1, rows=rows)
+        return arrays, next(iter(batches.values()), 0)
+
+    def infer(self, inputs: Mapping[str, np.ndarray], done: Done, *, events: int = 1) -> None:
+        """Run the model on ``inputs`` (batch first); ``done(outputs, error)`` once, from any
+        thread. Returns at once in async and pseudo-async modes; in sync mode calls ``done``
+        before returning. Inputs that do not fit the model raise :class:`ClientConfigError`.
+        ``events``: how many events' inputs this call carries (an
+        :class:`~recorun.sonic_clients.batching.EventBatcher`'s batch); the ``calls`` counter
+        counts events, so that figures per call stay per event."""
+        if self._ended:
+            raise SonicError(f"model '{self.config.model}': infer() after end_job()")
+        inputs, rows = self.check_inputs(inputs)
+        self.stats.add(calls=events, rows=rows)
+        if any(isinstance(v, list) for v in inputs.values()):
+            self._infer_ragged(inputs, rows, done)
+            return
+        desc = self.description
         if rows == 0:
             empty = {n: np.empty((0, *(max(d, 0) for d in t.shape)), dtype=t.dtype)
                      for n, t in desc.outputs.items()}
             done(empty, None)
             return
         step = desc.max_batch_size
-        chunks = [(i, {n: a[start:start + step] for n, a in arrays.items()})
+        chunks = [(i, {n: a[start:start + step] for n, a in inputs.items()})
                   for i, start in enumerate(range(0, rows, step))]
         call = Call(self, done, len(chunks))
         try:
@@ -606,33 +646,14 @@ class SonicClient:
             call.abandon()
             raise
 
-    def _infer_ragged(self, inputs: Mapping[str, Sequence], done: Done) -> None:
-        """``infer`` for lists of entries (see the module docstring): one group of requests per
-        distinct set of shapes; the outputs split back into one array per entry."""
-        model = f"model '{self.config.model}' ({self._where()})"
-        entries = {}
-        for name, value in inputs.items():
-            if not isinstance(value, (list, tuple)):
-                raise ClientConfigError(f"{model}: input '{name}' is one array while other "
-                                        "inputs are lists of entries; give every input as a "
-                                        "list of entries, or every input as one array")
-            entries[name] = [np.asarray(v) for v in value]
-        counts = {n: len(v) for n, v in entries.items()}
-        if len(set(counts.values())) > 1:
-            raise ClientConfigError(f"{model}: inputs have different numbers of entries "
-                                    f"{counts}")
-        total = next(iter(counts.values()), 0)
+    def _infer_ragged(self, entries: dict[str, list[np.ndarray]], total: int,
+                      done: Done) -> None:
+        """``infer`` for lists of entries (see the module docstring), checked: one group of
+        requests per distinct set of shapes; the outputs split back into one array per
+        entry."""
         groups: dict[tuple, list[int]] = {}
         for i in range(total):
-            shapes = tuple(entries[n][i].shape for n in entries)
-            if shapes not in groups:
-                try:
-                    self._check_tensors({n: (entries[n][i].shape, entries[n][i].dtype)
-                                         for n in entries})
-                except ClientConfigError as exc:
-                    raise ClientConfigError(f"{exc} [entry {i}]") from None
-            groups.setdefault(shapes, []).append(i)
-        self.stats.add(calls=1, rows=total)
+            groups.setdefault(tuple(entries[n][i].shape for n in entries), []).append(i)
         if total == 0:
             done({n: [] for n in self.description.outputs}, None)
             return

@@ -36,8 +36,12 @@ How a model is resolved (in ``client_for``):
 
 The fallback server is started lazily, when the first request for one of its models goes out
 (in the background: an ``async`` ``infer`` still returns at once; the requests wait for it,
-outside their timeout). By then every producer has asked for its client (all ``begin_job``\\ s
-run before the first event), so one fallback server serves every model that needs it. Until
+outside their timeout), or earlier when asked: a SONIC producer asks for its client with
+``client_for(config, start_fallback=True)`` in its ``begin_job``, which starts the server in
+the background (its ~1 s start then overlaps the rest of the job's set-up), and waits for it in
+its ``post_begin_job``. A model asked for while the server is still starting gets a server
+started for it and the earlier models together, in place of the first (stopped at once), so
+that one fallback server serves every model that needs it. Until
 it runs, the fallback clients' ``describe()`` comes from the models' specs
 (:data:`recorun.model_specs.SPECS`, with ``--max-batch-size`` of ``fallback_options``); once it runs,
 the registry checks the server's metadata against that. A model first asked for after the
@@ -81,7 +85,12 @@ RESERVED_FALLBACK_OPTIONS = ("--models", "--grpc-port", "--http-port", "--metric
 
 
 class _FallbackLaunch:
-    """One fallback server being started or running, with its endpoint."""
+    """One fallback server being started or running, with its endpoint.
+
+    A launch whose server is still starting can be replaced by one for more models
+    (:meth:`retire`, then :meth:`hand_over`): its future then takes the new launch's outcome,
+    so that whoever waits on it gets the server that serves them all, and its own server is
+    stopped."""
 
     def __init__(self, models: list[str], options: list[str], ready_timeout_s: float,
                  expected: dict[str, ModelDescription], probe_timeout_s: float):
@@ -92,8 +101,12 @@ class _FallbackLaunch:
         self.endpoint: Endpoint | None = None
         self.future: Future = Future()
         self.future.set_running_or_notify_cancel()
+        self.replaced_by: _FallbackLaunch | None = None
+        self._retired = False
+        self._lock = threading.Lock()
         self._expected = expected
         self._probe_timeout_s = probe_timeout_s
+        self._stopper: threading.Thread | None = None
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"fallback-launch-{'+'.join(models)}")
         self.thread.start()
@@ -112,15 +125,60 @@ class _FallbackLaunch:
                         f"{want.tensors_text()} with max_batch_size {want.max_batch_size}")
             self.endpoint = endpoint
         except BaseException as exc:
-            self.future.set_exception(exc)
+            with self._lock:
+                if not self._retired:
+                    self.future.set_exception(exc)
             return
-        self.future.set_result(self.endpoint)
+        with self._lock:
+            if not self._retired:
+                self.future.set_result(self.endpoint)
 
-    def stop(self) -> None:
+    def current(self) -> _FallbackLaunch:
+        """This launch, or the one that replaced it (and so on)."""
+        launch = self
+        while launch.replaced_by is not None:
+            launch = launch.replaced_by
+        return launch
+
+    def retire(self) -> bool:
+        """Give up this launch for another one (:meth:`hand_over`), unless its outcome is known
+        already (its server ready, or failed). True when retired."""
+        with self._lock:
+            if self.future.done():
+                return False
+            self._retired = True
+            return True
+
+    def hand_over(self, other: _FallbackLaunch) -> None:
+        """After :meth:`retire`: this launch's future takes ``other``'s outcome, and its own
+        server is stopped in the background (:meth:`stop` waits for that)."""
+        self.replaced_by = other
+
+        def take_over(done: Future) -> None:
+            error = done.exception()
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(done.result())
+
+        other.future.add_done_callback(take_over)
+        self._stopper = threading.Thread(target=self._stop_server, daemon=True,
+                                         name=f"fallback-retired-{'+'.join(self.models)}")
+        self._stopper.start()
+
+    def _stop_server(self) -> None:
         self.server.stop()                      # a server still starting is stopped too
         self.thread.join()                      # and its start then fails at once
         if self.endpoint is not None:
             self.endpoint.close()
+
+    def stop(self) -> None:
+        if self._stopper is not None:           # retired: its server is being stopped
+            self._stopper.join()
+            return
+        if self.endpoint is not None:           # this job's connection first: the server
+            self.endpoint.close()               # then has no client left when it stops
+        self._stop_server()
 
 
 #: a fallback server shared by the worker processes of a node, started by their driver:
@@ -134,6 +192,7 @@ class _SharedLaunch:
     here."""
 
     server = None
+    replaced_by = None
 
     def __init__(self, models: list[str], address: str):
         self.models = list(models)
@@ -141,6 +200,9 @@ class _SharedLaunch:
         self.future: Future = Future()
         self.future.set_running_or_notify_cancel()
         self.future.set_result(self.endpoint)
+
+    def current(self) -> _SharedLaunch:
+        return self
 
     def stop(self) -> None:
         self.endpoint.close()
@@ -166,7 +228,7 @@ class FallbackEndpoint(Endpoint):
 
     @property
     def address(self) -> str:
-        launch = self._launch
+        launch = self._launch.current() if self._launch is not None else None
         if launch is not None and launch.endpoint is not None:
             return launch.endpoint.address
         if launch is not None and launch.server is not None and launch.server.grpc:
@@ -176,6 +238,7 @@ class FallbackEndpoint(Endpoint):
     def _get_launch(self) -> _FallbackLaunch:
         if self._launch is None:
             self._launch = self._registry._launch_for(self._model)
+        self._launch = self._launch.current()
         return self._launch
 
     def when_ready(self, fn) -> None:
@@ -243,6 +306,7 @@ class ServerRegistry(Service):
         self._clients: list[SonicClient] = []
         self._fallback_models: list[str] = []
         self._launches: list[_FallbackLaunch] = []
+        self._retired: list[_FallbackLaunch] = []          # replaced while they started
         self._fallback_max_batch: int | None = None
         self._fallback_parsed = False
 
@@ -322,7 +386,8 @@ class ServerRegistry(Service):
 
     def _shutdown(self) -> None:
         with self._lock:
-            launches, self._launches = self._launches, []
+            launches, self._launches = self._retired + self._launches, []
+            self._retired = []
             endpoints, self._endpoints = self._endpoints, []
             self._fallback_models = []
             self._begun = False
@@ -351,9 +416,12 @@ class ServerRegistry(Service):
             self._shutdown()
 
     # clients -------------------------------------------------------------------------------
-    def client_for(self, config: ClientConfig | dict) -> SonicClient:
+    def client_for(self, config: ClientConfig | dict, *,
+                   start_fallback: bool = False) -> SonicClient:
         """A client for ``config`` (begun: ``describe()`` works): in-process, or Triton with
-        every server that serves the model, the preferred one first, or the fallback server."""
+        every server that serves the model, the preferred one first, or the fallback server.
+        With ``start_fallback``, a client of the fallback server has it start now, in the
+        background, rather than at its first request (:meth:`start_fallback`)."""
         if not isinstance(config, ClientConfig):
             config = ClientConfig.from_dict(config)
         if config.client == "inprocess":
@@ -362,6 +430,12 @@ class ServerRegistry(Service):
             client = InProcessClient(config)
         else:
             client = self._triton_client(config)
+            if start_fallback and config.model in self._fallback_models:
+                try:
+                    self.start_fallback(wait=False)
+                except BaseException:
+                    client.end_job()
+                    raise
         try:
             client.begin_job()
         except BaseException:
@@ -478,25 +552,43 @@ class ServerRegistry(Service):
                 launch = _SharedLaunch([m for m in models if m in shared[1]], shared[0])
                 self._launches.append(launch)
                 return launch
-            if self._launches:
+            # a server of ours still starting is replaced by one for its models and these,
+            # so that one server serves every model (producers start it at their begin_job,
+            # one after the other)
+            retired = [launch for launch in self._launches
+                       if isinstance(launch, _FallbackLaunch) and launch.retire()]
+            if retired:
+                LOG.info("ServerRegistry: model '%s' asked for while the fallback server for %s "
+                         "was starting: starting one for all of them instead", model,
+                         ", ".join(m for old in retired for m in old.models))
+            elif self._launches:
                 LOG.warning("ServerRegistry: model '%s' was asked for after the fallback server "
                             "started; starting another one for %s", model, ", ".join(models))
+            models = [m for old in retired for m in old.models] + models
             expected = {m: self._fallback_description(m, "") for m in models}
             launch = _FallbackLaunch(models, list(self.fallback_options), self.fallback_timeout_s,
                                      expected, self.probe_timeout_s)
+            for old in retired:
+                old.hand_over(launch)
+                self._launches.remove(old)
+                self._retired.append(old)
             self._launches.append(launch)
             return launch
 
     def start_fallback(self, wait: bool = True) -> list:
         """Start the fallback server now for the models asked for so far (instead of at the
-        first request); with ``wait``, until it is ready. Returns the FallbackServers."""
+        first request); with ``wait``, until it is ready (raising what stopped it). Returns the
+        FallbackServers. Called again after more models were asked for, while the server is
+        still starting, it starts one for them all instead (a SONIC producer starts it at its
+        begin_job without waiting, and waits at its post_begin_job: one server serves every
+        producer's model, and its start overlaps the rest of the job's set-up)."""
         with self._lock:
             models = list(self._fallback_models)
         launches = [self._launch_for(m) for m in models]
         if wait:
             for launch in launches:
                 launch.future.result()
-        return [launch.server for launch in dict.fromkeys(launches)]
+        return [launch.server for launch in dict.fromkeys(l.current() for l in launches)]
 
     def fallback_servers(self) -> list:
         """The FallbackServers this registry started so far (started or starting)."""

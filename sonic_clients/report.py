@@ -109,11 +109,23 @@ def sonic_entry(label: str, module: dict, nominal: Nominal | None) -> dict:
             "server_shared": shared,
             "bytes_per_call": details["bytes_sent"] / calls if calls else None,
             "requests_per_call": details["requests"] / calls if calls else None,
+            "batching": _batching(details),
             "nominal": nominal.file if nominal else None,
             "F_gpu_eq": f, "reason": reason,
             "warning": ("the server also served other clients during the job: Y comes from "
                         "statistics that include their requests, F_GPU^eq is approximate")
             if shared else None}
+
+
+def _batching(details: dict) -> dict | None:
+    """Client-side event batching (``batch_events`` > 1): the batch size asked, requests sent,
+    events per request and the mean time an event waited for its batch to go out."""
+    if details.get("batch_events", 1) <= 1:
+        return None
+    requests = details["requests"]
+    return {"batch_events": details["batch_events"], "requests": requests,
+            "events_per_request": details["calls"] / requests if requests else None,
+            "mean_batch_wait_ms": details.get("mean_batch_wait_ms", 0.0)}
 
 
 def sonic_section(modules: dict, nominal: Nominal | None = None) -> dict:
@@ -138,6 +150,14 @@ def sonic_report(section: dict) -> str:
                      f"{_ms(e['L_ms'])} {_ms(e['Y_ms'])} {_ms(e['server_queue_ms'])} {f}  "
                      f"{label} ({e['client']} {e['mode']}, model {e['model']})")
         notes += [f"SonicReport {label}: {text}" for text in (e["reason"], e["warning"]) if text]
+        batching = e.get("batching")
+        if batching:
+            per = batching["events_per_request"]
+            notes.append(f"SonicReport {label}: events batched by up to "
+                         f"{batching['batch_events']}: {e['calls']} events in "
+                         f"{batching['requests']} requests"
+                         f"{f' ({per:.2f} events per request)' if per else ''}, "
+                         f"{batching['mean_batch_wait_ms']:.2f} ms mean wait for the batch")
     lines += notes
     lines.append("SonicReport X: nominal algorithm's CPU, S: acquire CPU, L: produce CPU, "
                  "Y: server compute, queue: server queue (docs/METRICS.md)")

@@ -52,9 +52,28 @@ client's servers and takes over. A server that answers its probes was not down (
 refusing that request): the call fails as before. ``timing()`` counts ``outage_waits``,
 ``outage_wait_s`` and ``fallback_takeovers``.
 
-``InferInput`` objects are reused: one per input name and thread (the request is serialized
-inside ``infer``/``async_infer``, so the object is free again when that call returns);
-``InferRequestedOutput`` objects are made once per client.
+Transport (``ClientConfig.transport``): ``grpc`` puts the tensors in the gRPC messages;
+``shm`` passes them through Triton's system shared memory (:mod:`recorun.sonic_clients.shm`:
+one pool of regions per client, registered on each server at its first use there): a request
+writes its inputs into a region and the server writes the outputs into the same region, the
+gRPC message carries only the names and offsets; the outputs are copied out before the region
+goes back to the pool. ``auto`` is ``shm`` when every server of the model is on this host
+(:meth:`Endpoint.is_local`), else ``grpc``; it is decided at begin_job. Retries and failover
+work as above: a region is registered on a server when a request first goes there. A server
+that refuses shared memory (an endpoint behind an access token, a server on another host, no
+shared-memory support) gets its requests over gRPC, with one warning naming it and the reason
+(:meth:`Endpoint.refuse_shm`); a request that finds its region unknown to the server (a
+restarted server lost its registrations) registers again and is sent again at once, not
+counted as a try; should that happen twice to one request, the server gets gRPC too. The
+regions are unregistered and destroyed at end_job (also after Ctrl-C or SIGTERM, which end the
+job), with an ``atexit`` hook as a safety net. ``timing()`` says ``transport`` and counts
+``shm_requests``, ``shm_bytes`` (input bytes through shared memory), ``grpc_bytes`` (input
+bytes in gRPC messages), ``shm_regions`` (regions made) and ``shm_refused`` (server: reason).
+
+``InferInput`` objects of gRPC requests are reused: one per input name and thread (the request
+is serialized inside ``infer``/``async_infer``, so the object is free again when that call
+returns); ``InferRequestedOutput`` objects are made once per client. Requests through shared
+memory reuse theirs per thread too, naming the request's region each time.
 """
 from __future__ import annotations
 
@@ -86,6 +105,7 @@ from .base import (
     shutdown_pool,
 )
 from .server_stats import ModelStatistics, read_statistics, server_time
+from .shm import ShmPool, ShmRefused, aligned
 
 #: times the statistics are read at end_job until they count every answered request
 STATISTICS_READS = 6
@@ -163,6 +183,8 @@ def status_of(error: BaseException) -> tuple[str, str]:
 #: job began, so a server that no longer knows it is going down or restarting (a Triton
 #: whose parent was killed unloads its models for seconds while it still listens)
 UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.NOT_FOUND")
+#: host names of this host, for ``transport: auto`` (:meth:`Endpoint.is_local`)
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 #: how often a server marked down is probed: the first pause, then doubling up to the last
 PROBE_S = (0.1, 2.0)
 
@@ -310,6 +332,7 @@ class Endpoint:
         self.live: bool | None = None
         self.problem = ""
         self.health = Health(self)
+        self.shm_refused: str | None = None     # why it cannot use shared memory
 
     @property
     def address(self) -> str:
@@ -320,6 +343,23 @@ class Endpoint:
 
     def label(self) -> str:
         return f"server '{self.name}' ({self.address})"
+
+    def is_local(self) -> bool:
+        """On this host: an address on 127.0.0.1, localhost or ::1, or the local fallback
+        server (the registry reserves the name ``fallback`` for it)."""
+        if self.name == "fallback":
+            return True
+        host = self.address.rpartition(":")[0].strip("[]").lower()
+        return host in LOCAL_HOSTS
+
+    def refuse_shm(self, reason: str) -> bool:
+        """The server cannot use shared memory (every client of it sends over gRPC from now
+        on); True the first time (the caller warns)."""
+        with self._lock:
+            first = self.shm_refused is None
+            if first:
+                self.shm_refused = reason
+        return first
 
     def grpc(self):
         """The shared ``InferenceServerClient`` (made on first use)."""
@@ -435,7 +475,7 @@ class _Route:
     the outage it may be waiting out (``deadline``, the servers it saw down)."""
 
     __slots__ = ("attempts", "endpoints", "index", "tries_here", "deadline", "seen_down",
-                 "waited_s", "waiting")
+                 "waited_s", "waiting", "registered_again")
 
     def __init__(self, endpoints: Sequence[Endpoint], attempts: list | None = None):
         self.endpoints = list(endpoints)
@@ -446,10 +486,32 @@ class _Route:
         self.seen_down: set = set()
         self.waited_s = 0.0
         self.waiting = 0                      # the current wait's token (async)
+        self.registered_again = False         # its region was registered again once
 
     @property
     def endpoint(self) -> Endpoint:
         return self.endpoints[self.index]
+
+
+class _Request:
+    """One attempt's tensors: the ``InferInput`` and ``InferRequestedOutput`` objects, the input
+    bytes and, through shared memory, the region (None: over gRPC) and where each output goes
+    in it (``{name: (offset, bytes)}``; empty: the outputs come in the gRPC answer)."""
+
+    __slots__ = ("inputs", "outputs", "nbytes", "pool", "region", "name", "layout")
+
+    def __init__(self, inputs, outputs, nbytes: int, pool: ShmPool | None = None,
+                 region=None, layout: dict | None = None):
+        self.inputs, self.outputs, self.nbytes = inputs, outputs, nbytes
+        self.pool, self.region, self.layout = pool, region, layout or {}
+        self.name = region.name if region is not None else ""
+
+    def release(self, reuse: bool) -> None:
+        """Give the region back (``reuse``: the server is done with it) or destroy it (the
+        request failed after it was sent: the server may still write into it). Once."""
+        region, self.region = self.region, None
+        if region is not None:
+            (self.pool.give if reuse else self.pool.discard)(region)
 
 
 class TritonClient(SonicClient):
@@ -497,6 +559,14 @@ class TritonClient(SonicClient):
         self._baselines: dict[Endpoint, ModelStatistics | None] = {}
         self._baseline_lock = threading.Lock()
         self._server_time: dict = {}
+        self.transport = self.config.transport       # auto: decided at begin_job
+        self._shm: ShmPool | None = None
+        self._shm_outputs: dict[str, int] = {}       # output -> bytes per row (fixed shapes)
+        self._shm_counts = {"shm_requests": 0, "shm_bytes": 0, "grpc_bytes": 0}
+        self._shm_refused: dict[str, str] = {}       # server -> reason
+        self._shm_lock = threading.Lock()
+        self._no_room_said = False
+        self._shm_made = 0                           # regions of pools already closed
 
     # description ---------------------------------------------------------------------------
     def _fetch_description(self) -> ModelDescription:
@@ -581,8 +651,129 @@ class TritonClient(SonicClient):
             nbytes += array.nbytes
         return inputs, nbytes
 
-    def _outputs_of(self, result) -> dict[str, np.ndarray]:
-        return {name: result.as_numpy(name) for name in self.description.outputs}
+    def _prepare(self, endpoint: Endpoint, arrays: dict[str, np.ndarray]) -> _Request:
+        """The tensors of one attempt on ``endpoint``: through shared memory when the client
+        uses it and the server can, else in the gRPC message."""
+        pool = self._shm
+        if pool is not None:
+            if endpoint.shm_refused is None:
+                try:
+                    request = self._prepare_shm(pool, endpoint, arrays)
+                except ShmRefused as exc:
+                    self._refuse(endpoint, str(exc))
+                else:
+                    if request is not None:
+                        return request
+            elif endpoint.name not in self._shm_refused:
+                self._refuse(endpoint, endpoint.shm_refused)
+        inputs, nbytes = self._inputs_for(arrays)
+        with self._shm_lock:
+            self._shm_counts["grpc_bytes"] += nbytes
+        return _Request(inputs, self._outputs, nbytes)
+
+    def _prepare_shm(self, pool: ShmPool, endpoint: Endpoint,
+                     arrays: dict[str, np.ndarray]) -> _Request | None:
+        """The inputs written into a region of the pool registered on ``endpoint``, the
+        outputs (when their shapes are fixed) asked into the same region; None when this
+        request must go over gRPC (an empty tensor, or no room for a region here). Raises
+        :class:`ShmRefused` when the server refuses shared memory, the gRPC error when it
+        cannot be reached."""
+        if any(a.nbytes == 0 for a in arrays.values()):
+            return None
+        offsets, size = [], 0
+        for array in arrays.values():
+            offsets.append(size)
+            size += aligned(array.nbytes)
+        rows = next(iter(arrays.values())).shape[0]
+        layout = {}
+        for name, row_bytes in self._shm_outputs.items():
+            layout[name] = (size, rows * row_bytes)
+            size += aligned(rows * row_bytes)
+        try:
+            region = pool.take(size)
+        except ShmRefused as exc:                      # no room here: this request over gRPC
+            if not self._no_room_said:
+                self._no_room_said = True
+                LOG.warning("model '%s': no shared-memory region (%s); requests that find none "
+                            "go over gRPC", self.config.model, exc)
+            return None
+        try:
+            pool.register(region, endpoint)
+            region.write(list(arrays.values()), offsets)
+        except BaseException:
+            pool.give(region)                          # the server never used it
+            raise
+        # reused per thread as the gRPC path's; keyed by whether the offset is 0, since
+        # set_shared_memory leaves an earlier offset in place when given 0
+        cache = self._local.__dict__.setdefault("shm", {})
+        grpc = _grpc()
+        desc = self.description
+        inputs, nbytes = [], 0
+        for (name, array), offset in zip(arrays.items(), offsets):
+            shape = list(array.shape)
+            item = cache.get((name, offset > 0))
+            if item is None:
+                item = cache[(name, offset > 0)] = grpc.InferInput(name, shape,
+                                                                   desc.inputs[name].datatype)
+            elif item.shape() != shape:
+                item.set_shape(shape)
+            item.set_shared_memory(region.name, array.nbytes, offset)
+            inputs.append(item)
+            nbytes += array.nbytes
+        outputs = self._outputs
+        if layout:
+            outputs = []
+            for name, (offset, nbytes_out) in layout.items():      # offsets > 0
+                item = cache.get(name)
+                if item is None:
+                    item = cache[name] = grpc.InferRequestedOutput(name)
+                item.set_shared_memory(region.name, nbytes_out, offset)
+                outputs.append(item)
+        with self._shm_lock:
+            self._shm_counts["shm_requests"] += 1
+            self._shm_counts["shm_bytes"] += nbytes
+        return _Request(inputs, outputs, nbytes, pool, region, layout)
+
+    def _refuse(self, endpoint: Endpoint, reason: str) -> None:
+        """``endpoint`` cannot use shared memory: gRPC from now on, said once per server."""
+        if endpoint.refuse_shm(reason):
+            LOG.warning("model '%s': %s cannot use shared memory (%s); its requests go over "
+                        "gRPC", self.config.model, endpoint.label(), reason)
+        with self._shm_lock:
+            self._shm_refused.setdefault(endpoint.name, endpoint.shm_refused or reason)
+
+    def _region_lost(self, request: _Request, error: BaseException, endpoint: Endpoint,
+                     route: _Route) -> bool:
+        """True when ``request`` failed because the server does not know its region (a
+        restarted server lost its registrations): the registrations on ``endpoint`` are
+        forgotten (the request registers again when sent again, at once). The second time
+        for one request the server gets gRPC instead (something between the client and the
+        servers, a load balancer, sends requests where the region is not registered)."""
+        if not request.name:
+            return False
+        status, message = status_of(error)
+        if status != "StatusCode.NOT_FOUND" or f"'{request.name}'" not in message:
+            return False
+        if route.registered_again:
+            self._refuse(endpoint, f"a request did not find the region it had just "
+                                   f"registered ({message}); a load balancer in front of "
+                                   f"several servers?")
+        else:
+            route.registered_again = True
+            LOG.info("model '%s': %s does not know this client's shared-memory regions (it "
+                     "restarted?): registering them again", self.config.model, endpoint.label())
+            request.pool.forget(endpoint)
+        return True
+
+    def _outputs_of(self, result, request: _Request) -> dict[str, np.ndarray]:
+        """The outputs of an answer: from the gRPC message, or copied out of the request's
+        region (which goes back to the pool)."""
+        if not request.layout:
+            return {name: result.as_numpy(name) for name in self.description.outputs}
+        region = request.region
+        return {name: region.read(self.description.outputs[name].dtype,
+                                  result.get_output(name).shape, offset)
+                for name, (offset, _) in request.layout.items()}
 
     def _route(self) -> _Route:
         """The order of servers for a new request, by the balancing policy; servers whose
@@ -775,9 +966,10 @@ class TritonClient(SonicClient):
         if ep not in self._baselines:
             self._take_baseline(ep)
         start = now()
-        flight = None
+        flight = request = None
+        sent = False
         try:
-            inputs, nbytes = self._inputs_for(arrays)
+            request = self._prepare(ep, arrays)
             packed = now()
 
             def callback(result, error):
@@ -787,23 +979,35 @@ class TritonClient(SonicClient):
                     self.stats.add(answers=1)
                     self._answered(ep, result)
                     try:
-                        call.part_done(index, self._outputs_of(result))
-                    except Exception as exc:          # a malformed answer
+                        outputs = self._outputs_of(result, request)
+                    except Exception as exc:          # a malformed answer, a released region
                         call.fail(exc)
+                        return
+                    finally:
+                        request.release(reuse=True)
+                    call.part_done(index, outputs)
                     return
+                if self._region_lost(request, error, ep, route):
+                    request.release(reuse=True)       # the server never used it
+                    LATER(0.0, lambda: self._send_async(call, index, arrays, route))
+                    return
+                request.release(reuse=False)
                 self._retry_async(call, index, arrays, route, error)
 
             grpc = ep.grpc()
             flight = ep.flight()
             self._count(ep, "requests")
             grpc.async_infer(
-                self.config.model, inputs, callback, model_version=self.config.version,
-                outputs=self._outputs, client_timeout=self.config.timeout_s,
+                self.config.model, request.inputs, callback, model_version=self.config.version,
+                outputs=request.outputs, client_timeout=self.config.timeout_s,
                 compression_algorithm=self._compression)
-            self.stats.add(requests=1, bytes_sent=nbytes, pack_s=packed - start)
+            sent = True
+            self.stats.add(requests=1, bytes_sent=request.nbytes, pack_s=packed - start)
         except Exception as exc:                        # could not even send it
             if flight is not None:
                 flight.end()
+            if request is not None and not sent:
+                request.release(reuse=True)
             self.stats.add(requests=1)
             self._retry_async(call, index, arrays, route, exc)
 
@@ -867,26 +1071,37 @@ class TritonClient(SonicClient):
                 if ep not in self._baselines:
                     self._take_baseline(ep)
                 start = now()
+                request = None
                 try:
-                    inputs, nbytes = self._inputs_for(arrays)
+                    request = self._prepare(ep, arrays)
                     packed = now()
-                    self.stats.add(requests=1, bytes_sent=nbytes, pack_s=packed - start)
+                    self.stats.add(requests=1, bytes_sent=request.nbytes, pack_s=packed - start)
                     grpc = ep.grpc()
                     flight = ep.flight()
                     self._count(ep, "requests")
                     try:
                         result = grpc.infer(
-                            self.config.model, inputs, model_version=self.config.version,
-                            outputs=self._outputs, client_timeout=self.config.timeout_s,
+                            self.config.model, request.inputs,
+                            model_version=self.config.version, outputs=request.outputs,
+                            client_timeout=self.config.timeout_s,
                             compression_algorithm=self._compression)
                     finally:
                         flight.end()
                     self.stats.add(roundtrip_s=now() - start, answers=1)
                     self._answered(ep, result)
-                    call.part_done(index, self._outputs_of(result))
+                    try:
+                        outputs = self._outputs_of(result, request)
+                    finally:
+                        request.release(reuse=True)
+                    call.part_done(index, outputs)
                     break
                 except Exception as exc:
                     self.stats.add(roundtrip_s=now() - start)
+                    if request is not None:             # (released already if answered)
+                        lost = self._region_lost(request, exc, ep, route)
+                        request.release(reuse=lost)
+                        if lost:
+                            continue
                     if self._ended:
                         call.fail(self._error(route, "the client ended"))
                         return
@@ -962,6 +1177,12 @@ class TritonClient(SonicClient):
         values = super().timing()
         values.update(self._server_time)
         values["balance"] = self.balance
+        shm = self._shm
+        with self._shm_lock:
+            values.update(transport=self.transport, **self._shm_counts,
+                          shm_regions=self._shm_made + (shm.made if shm is not None else 0))
+            if self._shm_refused:
+                values["shm_refused"] = dict(self._shm_refused)
         with self._per_server_lock:
             values["per_server"] = {name: dict(counts)
                                     for name, counts in self._per_server.items()}
@@ -971,6 +1192,12 @@ class TritonClient(SonicClient):
     def _close(self) -> None:
         pool, self._pool = self._pool, None
         shutdown_pool(pool)
+        shm = self._shm
+        if shm is not None:
+            with self._shm_lock:
+                self._shm_made += shm.made
+                self._shm = None
+            shm.close()
         self._collect_server_time()
         self._baselines.clear()
         for ep in self._owned:
@@ -981,3 +1208,21 @@ class TritonClient(SonicClient):
         if self.config.mode == "pseudo-async" and self._pool is None:
             self._pool = ThreadPoolExecutor(
                 1, thread_name_prefix=f"sonic-{self.config.model}-pseudo-async")
+        self._start_transport()
+
+    def _start_transport(self) -> None:
+        """Decide ``auto`` (shared memory when every server is on this host) and make the
+        shared-memory pool; the outputs go through it when their shapes per row are fixed."""
+        if self.transport == "auto":
+            with self._order_lock:
+                remote = [ep.label() for ep in self.endpoints if not ep.is_local()]
+            self.transport = "grpc" if remote else "shm"
+            LOG.info("model '%s': transport auto: %s%s", self.config.model, self.transport,
+                     f" ({', '.join(remote)} not on this host)" if remote else "")
+        if self.transport != "shm" or self._shm is not None:
+            return
+        outputs = self.description.outputs.values()
+        self._shm_outputs = ({t.name: int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
+                              for t in outputs} if all(d >= 0 for t in outputs for d in t.shape)
+                             else {})
+        self._shm = ShmPool(self.config.model, timeout_s=self.probe_timeout_s)

@@ -12,15 +12,30 @@
 Markers (pyproject.toml): ``server`` (a real Triton server), ``dask``, ``nginx``,
 ``subprocess``, ``install``; ``pytest -m "not server and not dask and not install"`` is the fast
 inner loop.
+
+The servers the tests start keep their ONNX exports in a cache folder of the session
+(``RECORUN_ONNX_CACHE``, removed at the end), not in the user's ``~/.cache``.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 from collections import Counter
 
 import pytest
 
 from recorun import run_workflow
+
+_ONNX_CACHE = None
+if not os.environ.get("RECORUN_ONNX_CACHE"):
+    _ONNX_CACHE = os.environ["RECORUN_ONNX_CACHE"] = tempfile.mkdtemp(prefix="recorun-onnx-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _ONNX_CACHE is not None:
+        shutil.rmtree(_ONNX_CACHE, ignore_errors=True)
 
 
 class Recorder:

@@ -158,7 +158,7 @@ def test_hlt_workflow_writes_reports_trace_and_output(workdir):
     assert ev["failed"] == 0 and 0 < ev["accepted"] < 50
     assert report["failed_events"] == [] and report["exit_code"] == 0
     assert report["stop_reason"] is None and report["not_processed"] is None
-    assert report["process"] == "HLT" and (report["threads"], report["streams"]) == (1, 1)
+    assert report["process"] == "HLT" and (report["threads"], report["streams"]) == (1, 2)
     assert set(report["paths"]) == PATHS and set(report["endpaths"]) == ENDPATHS
     for name, path in report["paths"].items():
         assert path["visited"] == 50, name
@@ -271,12 +271,12 @@ def test_threads_and_streams_options(workdir):
     report = report_of(workdir, "-n", 20, "-j", 2, "-s", 4)
     assert (report["threads"], report["streams"]) == (2, 4)
     assert report["events"]["read"] == 20
-    report = report_of(workdir, "-n", 20, "--set", "process.threads=2")
-    assert (report["threads"], report["streams"]) == (2, 1)     # the workflow says streams: 1
+    report = report_of(workdir, "-n", 20, "--set", "process.threads=3")
+    assert (report["threads"], report["streams"]) == (3, 2)     # the workflow says streams: 2
     assert report["events"]["read"] == 20
-    report = report_of(workdir, "-n", 20, "--set", "process.threads=2",
+    report = report_of(workdir, "-n", 20, "--set", "process.threads=3",
                        "--set", "process.streams=null")
-    assert (report["threads"], report["streams"]) == (2, 2)     # streams default to threads
+    assert (report["threads"], report["streams"]) == (3, 3)     # streams default to threads
     report = report_of(workdir, "-n", 20, "--set", "process.streams=3")
     assert (report["threads"], report["streams"]) == (1, 3)
 
@@ -332,7 +332,9 @@ def test_input_error_exits_3_and_names_the_file(workdir):
 
 
 def test_module_error_exits_4_and_names_event_module_and_method(workdir):
-    run = recorun(workdir, WORKFLOW, "-n", 30, "--report-json", "r.json",
+    # one event in flight (-s 1; the workflow has 2): the events read are then exactly those
+    # up to the failed one
+    run = recorun(workdir, WORKFLOW, "-n", 30, "-s", 1, "--report-json", "r.json",
                   "--set", "modules.htFilter.type=cli_helpers:FailingHTFilter",
                   "--set", "modules.htFilter.fail_event=7")
     assert run.returncode == 4, run.stderr

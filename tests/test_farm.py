@@ -215,8 +215,10 @@ def test_a_failing_chunk_stops_the_farm_and_resubmit_completes_the_run(
     record = tmp_path / "faults"
     record.mkdir()
     out, report_json = tmp_path / "farm.root", tmp_path / "farm.json"
+    # one event in flight per worker (-s 1; the workflow has 2): the failed chunk's events
+    # not processed are then exactly those after the failed one
     code = main(on_farm(cluster, *CHUNK, *fault_injection(fail_event=event, record=str(record)),
-                        "--set", f"modules.output.file={out}", "--report-json",
+                        "-s", "1", "--set", f"modules.output.file={out}", "--report-json",
                         str(report_json)))
     err = capsys.readouterr().err
     assert code == EXIT_MODULE, err
