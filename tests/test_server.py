@@ -27,6 +27,8 @@ from recorun.model_specs import SPECS
 from recorun.server.models import make_model
 from recorun.server.weights import INIT_SEED, load_model, origin
 
+from proc_session import session_members
+
 pytestmark = pytest.mark.server
 
 MODELS = tuple(SPECS)
@@ -214,22 +216,6 @@ def test_cuda_without_a_device_is_a_clear_error(run_cli):
 
 
 # --- failures and shutdown ----------------------------------------------------------------------
-
-def session_members(sid: int) -> list[str]:
-    """Processes (``pid command``) whose session is ``sid`` (the server started its own)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()      # state ppid pgrp session ...
-        if int(fields[3]) == sid:
-            members.append(f"{entry.name} {stat.split('(', 1)[1].rsplit(')', 1)[0]}")
-    return members
-
 
 def shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm"))

@@ -31,6 +31,8 @@ from recorun.server.onnx_cache import (
     fingerprint_key,
 )
 
+from proc_session import session_members
+
 RTOL, ATOL = 1e-4, 1e-5
 
 
@@ -210,21 +212,6 @@ def test_cached_exports_need_no_torch():
 
 
 # --- real servers -------------------------------------------------------------------------------
-
-def session_members(sid: int) -> list[str]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == sid:
-            members.append(f"{entry.name} {stat.split('(', 1)[1].rsplit(')', 1)[0]} {fields[0]}")
-    return members
-
 
 def work_directory(log: str) -> Path:
     for line in log.splitlines():
