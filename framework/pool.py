@@ -23,6 +23,8 @@ from collections import deque
 LOG = logging.getLogger("recorun.framework")
 
 _local = threading.local()
+#: a task that does nothing: wakes a thread waiting on the queue
+_NOTHING = (lambda: None, ())
 #: how long the end of a run waits for each pool thread to stop
 JOIN_TIMEOUT_S = 10.0
 
@@ -57,6 +59,12 @@ class ThreadPool:
         """Run ``fn(*args)`` on the first pool thread free (the shared queue, even when the
         current task has no continuation yet: work that can go on beside the current task)."""
         self._queue.put((fn, args))
+
+    def wake(self) -> None:
+        """Wake every thread waiting for work (call it after setting the run's ``finished``,
+        so that the run ends now, not when their wait times out)."""
+        for _ in range(self.threads):
+            self._queue.put(_NOTHING)
 
     def run(self, start, finished: threading.Event) -> None:
         """Run ``start()`` as the first task, work until ``finished`` is set, then stop (the
@@ -105,6 +113,7 @@ class ThreadPool:
                             self.fatal = exc
                             self.fatal_traceback = traceback.format_exc()
                         finished.set()
+                        self.wake()
                         return
                     item = inline.popleft() if inline else None
         finally:

@@ -337,6 +337,7 @@ class Scheduler:
                                      for r in sorted([*self._running.values(), *held],
                                                      key=lambda r: r.event.index)]
         self.finished.set()
+        self.pool.wake()
 
     def abandon_after(self, limit: float, say) -> threading.Timer:
         """A started timer (cancel it when the run ends): the events still in flight after
@@ -440,6 +441,7 @@ class Scheduler:
         if last:
             self._end_lumi(None)
             self.finished.set()
+            self.pool.wake()
 
     # -- runs and luminosity blocks -----------------------------------------------------------
     def _begin_event_lumi(self, run: EventRun) -> None:
