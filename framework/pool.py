@@ -128,14 +128,17 @@ class ThreadPool:
             due = []
             if self._when_idle and self._idle == self.threads and self._queue.empty():
                 due, self._when_idle = self._when_idle, []
+        inline, _local.inline = _local.inline, None    # what they schedule goes to the queue
         try:
             for fn in due:
                 try:
                     fn()
                 except Exception:             # an idle function's bug must not stop the pool
                     LOG.exception("a function run when the pool was idle raised")
+            _local.inline = inline
             return self._queue.get(timeout=0.2)
         finally:
+            _local.inline = inline
             with self._idle_lock:
                 self._idle -= 1
 
