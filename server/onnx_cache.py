@@ -280,12 +280,7 @@ class OnnxCache:
             if not replace and self._sound(final, key):
                 return False
             replace = False                       # the one we found bad: once
-            aside = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.discarded")
-            try:
-                os.rename(final, aside)
-            except FileNotFoundError:
-                continue
-            shutil.rmtree(aside, ignore_errors=True)
+            _discard(final)
         return False
 
     def _sound(self, path: Path, key: str) -> bool:
@@ -310,12 +305,7 @@ class OnnxCache:
                 entries.append((modified, path))
         entries.sort(reverse=True)
         for _, path in entries[KEEP_PER_MODEL - 1:]:
-            aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.discarded")
-            try:
-                os.rename(path, aside)
-            except OSError:
-                continue
-            shutil.rmtree(aside, ignore_errors=True)
+            _discard(path)
 
 
 def _entry_problem(entry: dict, key: str, data: bytes) -> str | None:
@@ -355,3 +345,14 @@ def _unsafe(root: Path) -> str | None:
     elif info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
         return f"{path} is writable by everyone"
     return None
+
+
+def _discard(entry: Path) -> None:
+    """Remove a cache entry: renamed aside first (atomically, so that no reader sees it half
+    removed), then deleted; gone already is fine."""
+    aside = entry.with_name(f".{entry.name}.{uuid.uuid4().hex[:8]}.discarded")
+    try:
+        os.rename(entry, aside)
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)

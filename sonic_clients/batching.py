@@ -15,7 +15,8 @@ request per event. A batch goes out
   the producer before this batch is answered (every stream waits, or the source is done);
   except while the answer to an earlier batch is being handed to its events (they are on
   their way back to the threads);
-* at the latest ``batch_wait`` after its first event joined it.
+* ``batch_wait`` after its first event joined it (the timer thread needs the GIL: a module
+  holding it can make that later).
 
 Inputs given as lists of entries (ragged inputs, see :mod:`recorun.sonic_clients.base`) are
 batched as lists: the entries of the events joined, the outputs split back by entry counts. An
