@@ -296,17 +296,12 @@ def load_weights(name: str, weights_dir: str | os.PathLike | None = None) -> tup
     try:
         if weights_dir is None:
             return weights_module.load_model(name), weights_module.origin(name)
-        from .models import make_model
-
-        torch = _torch()
-        torch.manual_seed(weights_module.INIT_SEED)
         if not path.exists():
-            return (make_model(name).eval(),
+            return (weights_module.model_from_checkpoint(name, None),
                     f"untrained: initialised from torch.manual_seed({weights_module.INIT_SEED})")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model = make_model(name)
-        model.load_state_dict(checkpoint["state_dict"])
-        return model.eval(), str(checkpoint["origin"])
+        checkpoint = _torch().load(path, map_location="cpu", weights_only=True)
+        return (weights_module.model_from_checkpoint(name, checkpoint, str(path)),
+                str(checkpoint["origin"]))
     except ModelLoadError:
         raise
     except Exception as exc:

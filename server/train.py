@@ -2,6 +2,7 @@
 
     python -m recorun.server.train facile   [--seed S] [--events N] [--epochs E] [--out PATH]
     python -m recorun.server.train deepcalo [--seed S] [--events N] [--epochs E] [--out PATH]
+    python -m recorun.server.train resnet50 [--seed S] [--events N] [--out PATH]
 
 * **FACILE** regresses each HCAL channel's ``trueEnergy`` (GeV) from its 15 inputs
   (``recorun.data.hcal.facile_inputs``), on the digis of ``N`` events of 16000 channels from
@@ -36,8 +37,9 @@ Everything is reproducible from the seed: the events (generator seed ``S``), the
 the order of the batches (a ``torch.Generator`` seeded with ``S``), on 2 torch threads. The
 checkpoint ``server/trained/<model>.pt`` (``--out`` to write elsewhere) is ``{"state_dict":
 ..., "origin": ...}``, ``origin`` saying in words how it was made, with the command (see
-:mod:`recorun.server.weights`). ResNet-50 is not trained here: it is served from its seeded
-initialisation (``recorun.server.weights.INIT_SEED``).
+:mod:`recorun.server.weights`). ``python -m recorun.server.train resnet50`` trains the top
+tagger: :mod:`recorun.server.train_toptag` (a seeded backbone, batch-norm statistics measured
+on jet images, a trained head).
 
 Progress (epoch, train and validation loss) goes to stderr. Needs torch, numpy and awkward
 (through ``data/``), nothing of the framework.
@@ -361,8 +363,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m recorun.server.train",
         description="Train FACILE or DeepCalo on synthetic events (data/) and write "
-                    "server/trained/<model>.pt with the weights' origin.")
-    parser.add_argument("model", choices=sorted(DEFAULTS), help="the model to train")
+                    "server/trained/<model>.pt with the weights' origin (resnet50: "
+                    "python -m recorun.server.train resnet50 --help).")
+    parser.add_argument("model", choices=sorted(DEFAULTS) + ["resnet50"],
+                        help="the model to train")
     parser.add_argument("--seed", type=int, default=1,
                         help="generator seed, torch seed and batch order (default 1)")
     parser.add_argument("--events", type=int, default=None,
@@ -378,6 +382,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["resnet50"]:
+        from . import train_toptag
+
+        return train_toptag.main(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     base = DEFAULTS[args.model]
