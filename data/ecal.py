@@ -64,7 +64,7 @@ ETA_MAX = 2.47
 IMPACT_OFFSET = 0.0125                       # uniform in +-half a middle cell, eta and phi
 
 # ---- longitudinal: material and layer depths (X0 along the electron's path)
-#: material in front of the presampler vs |eta| (ATLAS-like: ~2 X0 at eta 0, 5 X0 over
+#: material in front of the presampler vs |eta| (ATLAS-like: ~2 X0 at eta 0, rising to
 #: 4.5 X0 over 1.5-2 where the inner detector's services and the cryostat are crossed
 #: obliquely, less towards 2.47)
 UPSTREAM_ETA = (0.0, 0.8, 1.2, 1.5, 2.0, 2.47)

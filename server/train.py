@@ -398,15 +398,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--epochs must be >= 1, not {settings.epochs}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, not {args.seed}")
-    out = args.out if args.out is not None else weights_path(args.model)
+    out = output_path(parser, args.out, args.model)
+    write_checkpoint(train(args.model, args.seed, settings, _command(argv)), out)
+    return 0
+
+
+def output_path(parser: argparse.ArgumentParser, out: Path | None, name: str) -> Path:
+    """``--out``, or ``server/trained/<name>.pt``; a usage error when its folder is missing."""
+    out = out if out is not None else weights_path(name)
     if not out.parent.is_dir():
         parser.error(f"cannot write {out}: directory {out.parent} does not exist")
-    checkpoint = train(args.model, args.seed, settings, _command(argv))
+    return out
+
+
+def write_checkpoint(checkpoint: dict, out: Path) -> None:
+    """Save ``checkpoint`` to ``out`` atomically (a reader never sees half a file)."""
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(checkpoint, tmp)
     tmp.replace(out)
     log(f"wrote {out} ({out.stat().st_size / 1e3:.1f} kB): {checkpoint['origin']}")
-    return 0
 
 
 if __name__ == "__main__":

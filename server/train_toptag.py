@@ -44,18 +44,14 @@ from torch import nn
 
 from .models import make_model
 from .toptag import TOPTAG, roc_auc, toptag_sample
-from .weights import INIT_SEED, backbone_fingerprint, seeded_keys, weights_path
+from .train import THREADS, log, output_path, write_checkpoint
+from .weights import INIT_SEED, backbone_fingerprint, seeded_keys
 
-THREADS = 2
 EVENTS = 3000                       # default: 2700 for training, 300 for validation
 VALIDATION_FRACTION = 0.10
 NORM_EVENTS = 256                   # training events whose images measure the batch norms
 PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)
 CHUNK = 32                          # events per forward pass
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def measure_norms(model: nn.Module, images: np.ndarray) -> None:
@@ -203,16 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"not {args.events}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, not {args.seed}")
-    out = args.out if args.out is not None else weights_path("resnet50")
-    if not out.parent.is_dir():
-        parser.error(f"cannot write {out}: directory {out.parent} does not exist")
+    out = output_path(parser, args.out, "resnet50")
     # the command that reproduces the weights (where they are written does not matter)
     command = f"python -m recorun.server.train resnet50 --seed {args.seed} --events {args.events}"
-    checkpoint = train(args.seed, args.events, command)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(out)
-    log(f"wrote {out} ({out.stat().st_size / 1e3:.1f} kB): {checkpoint['origin']}")
+    write_checkpoint(train(args.seed, args.events, command), out)
     return 0
 
 
