@@ -309,6 +309,18 @@ def load_weights(name: str, weights_dir: str | os.PathLike | None = None) -> tup
                              f"{type(exc).__name__}: {exc}") from exc
 
 
+def _drain_output(server) -> None:
+    """Wait (at most ~2 s) until pytriton has read all the output of its exited tritonserver:
+    the process is seen dead before its reader thread has passed on the last lines, which say
+    why it exited (e.g. a port already in use, which a start retries)."""
+    process = getattr(getattr(server, "_tritonserver_running_cmd", None), "process", None)
+    try:
+        if process is not None:
+            process.wait()      # sh's OProc: reaps the child, joins its output readers
+    except Exception as exc:    # noqa: BLE001 - the logs are then what was read so far
+        LOG.debug("tritonserver's output not drained: %s", exc)
+
+
 class OnnxRunner:
     """One model instance on onnxruntime; ``model`` is an ONNX file or the bytes of one."""
 
@@ -888,6 +900,7 @@ class RecorunServer:
 
         while True:
             if not triton._triton_server.is_alive():
+                _drain_output(triton._triton_server)
                 raise ServerStartError(
                     f"tritonserver exited while starting (ports grpc {endpoints.grpc_port}, "
                     f"http {endpoints.http_port}, metrics {endpoints.metrics_port})",
