@@ -82,15 +82,23 @@ def _models(text: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _directory(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    return path
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", type=_models, default="all",
                         help="comma-separated: facile,deepcalo,resnet50 or all (default: all)")
     parser.add_argument("--max-batch-size", type=_positive, default=None, metavar="N",
                         help="max_batch_size of every model (default: each model's own: "
                         + ", ".join(f"{n} {s.max_batch_size}" for n, s in SPECS.items()) + ")")
-    parser.add_argument("--weights-dir", type=Path, default=None, metavar="DIR",
+    parser.add_argument("--weights-dir", type=_directory, default=None, metavar="DIR",
                         help="read <model>.pt from DIR instead of server/trained "
-                             "(a model without one there is initialised from the fixed seed)")
+                             "(a model without one there is initialised from the fixed seed, "
+                             "with a warning)")
 
 
 def _add_batching_options(parser: argparse.ArgumentParser) -> None:
@@ -180,8 +188,9 @@ def _list(args) -> int:
     def shape(t):
         return f"{t[0]} [-1, {', '.join(map(str, t[1]))}] {t[2]}"
 
-    for row in describe_models(args.models, max_batch_size=args.max_batch_size,
-                               weights_dir=args.weights_dir):
+    rows = describe_models(args.models, max_batch_size=args.max_batch_size,
+                           weights_dir=args.weights_dir)
+    for row in rows:
         print(f"{row['name']}")
         for t in row["inputs"]:
             print(f"  input   {shape(t)}")
@@ -190,6 +199,10 @@ def _list(args) -> int:
         print(f"  max_batch_size {row['max_batch_size']}; the paper's batch per event "
               f"{row['event_batch']}")
         print(f"  weights {row['origin']}")
+    unusable = [row["name"] for row in rows if row["origin"].startswith("UNUSABLE")]
+    if unusable:
+        print(f"recorun-server: unusable weights for {', '.join(unusable)}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -297,13 +297,21 @@ def load_weights(name: str, weights_dir: str | os.PathLike | None = None) -> tup
         if weights_dir is None:
             return weights_module.load_model(name), weights_module.origin(name)
         if not path.exists():
+            LOG.warning("model '%s': no %s in --weights-dir %s: serving the untrained "
+                        "initialisation (torch.manual_seed(%d))", name, path.name, directory,
+                        weights_module.INIT_SEED)
             return (weights_module.model_from_checkpoint(name, None),
                     f"untrained: initialised from torch.manual_seed({weights_module.INIT_SEED})")
-        checkpoint = _torch().load(path, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = weights_module.read_checkpoint(path)
+        except weights_module.WeightsError as exc:
+            raise ModelLoadError(f"model '{name}': {exc}") from exc
         return (weights_module.model_from_checkpoint(name, checkpoint, str(path)),
-                str(checkpoint["origin"]))
+                str(checkpoint.get("origin", "?")))
     except ModelLoadError:
         raise
+    except weights_module.WeightsError as exc:
+        raise ModelLoadError(str(exc)) from exc
     except Exception as exc:
         raise ModelLoadError(f"model '{name}': cannot load its weights from {path}: "
                              f"{type(exc).__name__}: {exc}") from exc

@@ -61,7 +61,7 @@ from torch import nn
 from recorun.data import ecal, hcal
 
 from .models import make_model
-from .weights import weights_path
+from .weights import state_digest, weights_path
 
 THREADS = 2
 CHANNELS = 16000                    # HCAL channels read out per event (the full detector)
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, not {args.seed}")
     out = output_path(parser, args.out, args.model)
-    write_checkpoint(train(args.model, args.seed, settings, _command(argv)), out)
+    write_checkpoint(train(args.model, args.seed, settings, _command(argv)), out, args.model)
     return 0
 
 
@@ -411,8 +411,10 @@ def output_path(parser: argparse.ArgumentParser, out: Path | None, name: str) ->
     return out
 
 
-def write_checkpoint(checkpoint: dict, out: Path) -> None:
-    """Save ``checkpoint`` to ``out`` atomically (a reader never sees half a file)."""
+def write_checkpoint(checkpoint: dict, out: Path, name: str) -> None:
+    """Save ``checkpoint`` of model ``name`` to ``out`` atomically (a reader never sees half a
+    file), with the model's name and the checksum of its tensors (checked at load)."""
+    checkpoint = {**checkpoint, "model": name, "sha256": state_digest(checkpoint["state_dict"])}
     tmp = out.with_name(f".{out.name}.tmp")
     torch.save(checkpoint, tmp)
     tmp.replace(out)

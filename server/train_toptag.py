@@ -48,10 +48,22 @@ from .train import THREADS, log, output_path, write_checkpoint
 from .weights import INIT_SEED, backbone_fingerprint, seeded_keys
 
 EVENTS = 3000                       # default: 2700 for training, 300 for validation
-VALIDATION_FRACTION = 0.10
+VALIDATION_FRACTION = 0.10          # of the events, the last ones, at least MIN_VALIDATION
+MIN_VALIDATION = 10
+MIN_EVENTS = 40
 NORM_EVENTS = 256                   # training events whose images measure the batch norms
 PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)
 CHUNK = 32                          # events per forward pass
+
+
+class TrainingError(RuntimeError):
+    """The sample cannot train or validate the tagger (e.g. one class only)."""
+
+
+def split_events(events: int) -> tuple[int, int]:
+    """(training events, validation events): the last 10 %, at least :data:`MIN_VALIDATION`."""
+    n_val = max(MIN_VALIDATION, round(VALIDATION_FRACTION * events))
+    return events - n_val, n_val
 
 
 def measure_norms(model: nn.Module, images: np.ndarray) -> None:
@@ -132,8 +144,7 @@ def set_head(model: nn.Module, w: np.ndarray, b: float, mean: np.ndarray, std: n
 def train(seed: int, events: int, command: str) -> dict:
     """Generate the jets, measure the batch norms, fit the head; the checkpoint dict."""
     torch.set_num_threads(THREADS)
-    n_val = max(1, round(VALIDATION_FRACTION * events))
-    n_train = events - n_val
+    n_train, n_val = split_events(events)
     start = time.perf_counter()
     torch.manual_seed(INIT_SEED)
     model = make_model("resnet50")
@@ -148,7 +159,12 @@ def train(seed: int, events: int, command: str) -> dict:
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
     z_train, z_val = (x_train - mean) / std, (x_val - mean) / std
     best = None
-    for penalty in PENALTIES:
+    for what, labels in (("training", y_train), ("validation", y_val)):
+        if labels.all() or not labels.any():
+            raise TrainingError(f"the {what} events hold only {'top' if labels.all() else 'QCD'} "
+                                f"jets: use more --events (now {events})")
+    # the largest penalty first: an equal validation AUC keeps the simpler head
+    for penalty in sorted(PENALTIES, reverse=True):
         w, b = fit_head(z_train, y_train, penalty)
         val_auc = roc_auc(z_val @ w, y_val)
         log(f"resnet50: penalty {penalty:g}: training AUC {roc_auc(z_train @ w, y_train):.4f}, "
@@ -194,15 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.events < 20:
-        parser.error(f"--events must be >= 20 (both classes in training and validation), "
-                     f"not {args.events}")
+    if args.events < MIN_EVENTS:
+        parser.error(f"--events must be >= {MIN_EVENTS} (at least {MIN_VALIDATION} of them held "
+                     f"out for validation), not {args.events}")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, not {args.seed}")
     out = output_path(parser, args.out, "resnet50")
     # the command that reproduces the weights (where they are written does not matter)
     command = f"python -m recorun.server.train resnet50 --seed {args.seed} --events {args.events}"
-    write_checkpoint(train(args.seed, args.events, command), out)
+    try:
+        checkpoint = train(args.seed, args.events, command)
+    except TrainingError as exc:
+        parser.error(str(exc))
+    write_checkpoint(checkpoint, out, "resnet50")
     return 0
 
 

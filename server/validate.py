@@ -186,7 +186,8 @@ def toptag_comparison(events: int, seed: int, model=None, chunk: int = 64) -> di
     return {"events": len(labels), "n_top": int(labels.sum()), "n_qcd": int((~labels).sum()),
             "no_jet": no_jet, "auc": roc_auc(scores, labels),
             "eff_sig": eff_sig, "eff_bkg": eff_bkg,
-            "rejection": rejection_at(eff_sig, eff_bkg)}
+            "rejection": (rejection_at(eff_sig, eff_bkg) if labels.any() and not labels.all()
+                          else float("nan"))}
 
 
 def roc_plot(result: dict, path: Path, title: str) -> str | None:

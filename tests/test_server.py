@@ -200,6 +200,18 @@ def test_list_reads_a_weights_dir(tmp_path, run_cli):
     assert "weights test checkpoint: seed 2022" in result.stdout
 
 
+def test_list_with_unusable_weights_fails_and_a_missing_weights_dir_is_a_usage_error(
+        tmp_path, run_cli):
+    (tmp_path / "facile.pt").write_bytes(b"not a checkpoint")
+    result = run_cli("--list", "--models", "facile", "--weights-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "weights UNUSABLE" in result.stdout and "cannot be read as a checkpoint" in result.stdout
+    assert "unusable weights for facile" in result.stderr
+    result = run_cli("--list", "--weights-dir", str(tmp_path / "typo"))
+    assert result.returncode == 2
+    assert f"{tmp_path / 'typo'} is not a directory" in result.stderr
+
+
 def test_unknown_model_is_a_usage_error(run_cli):
     result = run_cli("--models", "facile,bert")
     assert result.returncode == 2
@@ -304,8 +316,8 @@ def test_corrupt_weights_fail_to_load_with_a_clear_message(tmp_path, cache_home,
                      timeout=120)
     assert result.returncode == 1
     assert result.stdout == ""
-    assert "a model failed to load: model 'facile': cannot load its weights from" \
-        in result.stderr
+    assert "a model failed to load: model 'facile': " in result.stderr
+    assert "cannot be read as a checkpoint (damaged, truncated or not one)" in result.stderr
     assert str(weights / "facile.pt") in result.stderr
     assert not work_directory(result.stderr).exists()
     new_shm = {e for e in shm_entries() - shm_before if e.startswith(("pytrtion", "psm_"))}
