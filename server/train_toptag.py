@@ -158,12 +158,12 @@ def train(seed: int, events: int, command: str) -> dict:
     x_val, y_val = sample_features(model, n_val, seed, n_train + 1, "validation")
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
     z_train, z_val = (x_train - mean) / std, (x_val - mean) / std
-    best = None
     for what, labels in (("training", y_train), ("validation", y_val)):
         if labels.all() or not labels.any():
             raise TrainingError(f"the {what} events hold only {'top' if labels.all() else 'QCD'} "
                                 f"jets: use more --events (now {events})")
     # the largest penalty first: an equal validation AUC keeps the simpler head
+    best = None
     for penalty in sorted(PENALTIES, reverse=True):
         w, b = fit_head(z_train, y_train, penalty)
         val_auc = roc_auc(z_val @ w, y_val)
@@ -174,9 +174,8 @@ def train(seed: int, events: int, command: str) -> dict:
     val_auc, penalty, w, b = best
     set_head(model, w, b, mean, std)
     elapsed = time.perf_counter() - start
-    state = model.state_dict()
-    seeded = seeded_keys(model)
-    stored = {k: v.clone() for k, v in state.items() if k not in seeded}
+    seeded = set(seeded_keys(model))
+    stored = {k: v.clone() for k, v in model.state_dict().items() if k not in seeded}
     origin = (
         f"top tagger trained on the leading jets of {events} synthetic events (half top, half "
         f"QCD) from recorun.data.jets.generate(seed={seed}), imaged as the top-tagging "

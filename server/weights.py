@@ -72,24 +72,24 @@ def seeded_keys(model: torch.nn.Module) -> list[str]:
     return [k for k, _ in model.named_parameters() if not k.startswith("fc.")]
 
 
-def backbone_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of the :func:`seeded_keys` tensors' bytes, in order."""
+def _digest(state: dict, keys) -> str:
+    """sha256 of the names and tensors' bytes of ``state``'s ``keys``, in that order."""
     digest = hashlib.sha256()
-    state = model.state_dict()
-    for key in seeded_keys(model):
-        digest.update(key.encode())
-        digest.update(state[key].detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def state_digest(state: dict) -> str:
-    """sha256 of a state dict's keys and tensors' bytes (sorted by key): the checksum a
-    checkpoint is written with (``recorun.server.train.write_checkpoint``)."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
+    for key in keys:
         digest.update(key.encode())
         digest.update(state[key].detach().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+def backbone_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the :func:`seeded_keys` tensors, in the model's order."""
+    return _digest(model.state_dict(), seeded_keys(model))
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a state dict's tensors, sorted by name: the checksum a checkpoint is written
+    with (``recorun.server.train.write_checkpoint``)."""
+    return _digest(state, sorted(state))
 
 
 def model_from_checkpoint(name: str, checkpoint: dict | None, where: str = "") -> torch.nn.Module:
